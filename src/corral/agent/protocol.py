@@ -1,0 +1,58 @@
+"""Wire format between the daemon and the in-sandbox agent. Stdlib only: it ships into sandboxes.
+
+A connection carries frames: 1 byte kind + 4 bytes big-endian length + payload.
+Kinds: J = a JSON object (requests, replies, events); O / E = stdout / stderr bytes;
+I = stdin bytes; D = file content bytes. One connection serves one operation: the first frame the
+client sends is a J request with an "op"; the agent answers with a J reply that has "ok".
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+VERSION = 1
+HEADER = struct.Struct(">cI")
+MAX_FRAME = 1 << 20  # 1 MiB: streams are chunked below this
+CHUNK = 256 * 1024
+
+JSON = b"J"
+STDOUT = b"O"
+STDERR = b"E"
+STDIN = b"I"
+DATA = b"D"
+KINDS = frozenset((JSON, STDOUT, STDERR, STDIN, DATA))
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def encode(kind: bytes, payload: bytes) -> bytes:
+    if len(payload) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    return encode(JSON, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def parse_header(header: bytes) -> tuple[bytes, int]:
+    kind, length = HEADER.unpack(header)
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown frame kind {kind!r}")
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+    return kind, length
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except ValueError as e:
+        raise ProtocolError(f"bad JSON frame: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("JSON frame is not an object")
+    return obj

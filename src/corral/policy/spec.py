@@ -1,0 +1,61 @@
+"""User-facing policy: what a caller may ask for when creating a sandbox."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from corral.policy import defaults
+
+_TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+class ResourcePolicy(BaseModel):
+    """cgroup limits. Absent fields take the defaults in ``corral.policy.defaults``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_cores: float = Field(defaults.CPU_CORES, gt=0, le=256)
+    memory_mib: int = Field(defaults.MEMORY_MIB, ge=16, le=1024 * 1024)
+    pids_max: int = Field(defaults.PIDS_MAX, ge=8, le=1_000_000)
+
+
+class SandboxPolicy(BaseModel):
+    """Everything a sandbox is allowed to be. Deny is the default; weakening is spelled out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    template: str = "base"
+    root: Literal["template", "host"] = "template"
+    timeout_s: int | None = Field(None, ge=1, le=365 * 86400)
+    resources: ResourcePolicy = ResourcePolicy()
+    env: dict[str, str] = Field(default_factory=dict)
+    network: Literal["none"] = "none"
+    allow_weaker_isolation: bool = False
+
+    @field_validator("template")
+    @classmethod
+    def _template_name(cls, v: str) -> str:
+        if not _TEMPLATE_NAME.match(v):
+            raise ValueError("template names are 1-63 chars of a-z, 0-9, '.', '_' and '-'")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, val in v.items():
+            if not _ENV_NAME.match(k):
+                raise ValueError(f"invalid environment variable name {k!r}")
+            if "\x00" in val:
+                raise ValueError(f"environment variable {k} contains a NUL byte")
+        return v
+
+    def weakenings(self) -> list[str]:
+        """Options that make this sandbox weaker than the default, shown in its status."""
+        out = []
+        if self.root == "host":
+            out.append("root=host: the host filesystem is visible read-only")
+        return out

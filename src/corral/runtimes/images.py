@@ -1,0 +1,295 @@
+"""Root filesystem layers: templates (debootstrap, busybox) and the agent's own Python runtime.
+
+Every layer is built into a temporary directory and renamed into place only when complete, so an
+interrupted build never leaves a half layer that looks usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.errors import InvalidRequestError, RuntimeUnavailableError, TemplateNotFoundError
+from corral.policy import defaults
+
+Progress = Callable[[str], None]
+BUILTIN_TEMPLATES = ("base", "busybox")
+BASE_PACKAGES = ("python3", "git", "bash", "coreutils", "ca-certificates", "curl")
+BASE_SUITE = "bookworm"
+AGENT_RUNTIME_VERSION = 1
+_PY_EXCLUDE_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip",
+                    "site-packages", "pydoc_data", "distutils", "unittest", "sqlite3", "venv",
+                    "curses", "dbm", "xmlrpc", "wsgiref", "msilib"}
+_DYNLOAD_EXCLUDE = re.compile(r"^(_test|_tkinter|_curses|xx|_xx|readline|_ctypes_test|ossaudiodev|nis|spwd|_sqlite3)")
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    name: str
+    rootfs: str
+    built_at: float
+    size_bytes: int
+    files: int
+    description: str
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+class TemplateStore:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def get(self, name: str) -> TemplateInfo | None:
+        meta = self.path(name) / "meta.json"
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return None
+        return TemplateInfo(**data)
+
+    def list(self) -> list[TemplateInfo]:
+        out = []
+        if self.root.is_dir():
+            for d in sorted(self.root.iterdir()):
+                info = self.get(d.name)
+                if info:
+                    out.append(info)
+        return out
+
+    def build(self, name: str, progress: Progress = _noop, force: bool = False) -> TemplateInfo:
+        if name not in BUILTIN_TEMPLATES:
+            raise TemplateNotFoundError(f"no template named {name!r}")
+        existing = self.get(name)
+        if existing and not force:
+            progress(f"template {name} already built")
+            return existing
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".build-{name}-{os.getpid()}-{time.monotonic_ns()}"
+        rootfs = tmp / "rootfs"
+        rootfs.mkdir(parents=True)
+        try:
+            t0 = time.monotonic()
+            if name == "busybox":
+                desc = "busybox: a static busybox and nothing else (no Python, no libc)"
+                _build_busybox(rootfs, progress)
+            else:
+                desc = f"base: Debian {BASE_SUITE} minbase + {', '.join(BASE_PACKAGES)}"
+                _build_debian(rootfs, progress)
+            _finish_rootfs(rootfs)
+            progress("shifting ownership into the sandbox uid range")
+            files, size = shift_ownership(rootfs, defaults.UID_BASE)
+            info = TemplateInfo(name=name, rootfs=str(self.path(name) / "rootfs"), built_at=time.time(),
+                                size_bytes=size, files=files, description=desc)
+            (tmp / "meta.json").write_text(json.dumps(info.__dict__))
+            final = self.path(name)
+            if final.exists():
+                old = self.root / f".old-{name}-{time.monotonic_ns()}"
+                final.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(final)
+            progress(f"template {name} built in {time.monotonic() - t0:.1f}s ({files} files, {size >> 20} MiB)")
+            return info
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def remove(self, name: str) -> None:
+        if not self.path(name).exists():
+            raise TemplateNotFoundError(f"no template named {name!r}")
+        shutil.rmtree(self.path(name))
+
+    def cleanup_partial(self) -> list[str]:
+        """Remove build directories left by an interrupted build."""
+        removed = []
+        if self.root.is_dir():
+            for d in self.root.iterdir():
+                if d.name.startswith((".build-", ".old-")):
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d.name)
+        return removed
+
+
+def _build_busybox(rootfs: Path, progress: Progress) -> None:
+    bb = shutil.which("busybox") or "/bin/busybox"
+    if not os.path.exists(bb) or "statically linked" not in _file_kind(bb):
+        raise RuntimeUnavailableError("the busybox template needs a static busybox",
+                                      hint="apt-get install busybox-static")
+    progress("installing busybox")
+    (rootfs / "bin").mkdir()
+    shutil.copy2(bb, rootfs / "bin" / "busybox")
+    out = subprocess.run([bb, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in out:
+        if applet != "busybox":
+            os.symlink("busybox", rootfs / "bin" / applet)
+    for d in ("etc", "root", "tmp", "var/tmp", "usr/bin", "dev", "proc", "sys"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+    (rootfs / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    os.chmod(rootfs / "tmp", 0o1777)
+    os.chmod(rootfs / "var" / "tmp", 0o1777)
+
+
+def _file_kind(path: str) -> str:
+    try:
+        return subprocess.run(["file", "-L", path], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        return "statically linked" if b"ld-linux" not in head and head.startswith(b"\x7fELF") else ""
+
+
+def debian_mirror() -> str:
+    env = os.environ.get("CORRAL_DEBIAN_MIRROR")
+    if env:
+        return env
+    for src in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            text = src.read_text()
+        except OSError:
+            continue
+        for m in re.finditer(r"(?:^deb\s+(?:\[[^\]]*\]\s+)?|^URIs:\s*)(https?://\S+)", text, re.M):
+            uri = m.group(1).rstrip("/")
+            if "security" not in uri:
+                return uri
+    return "http://deb.debian.org/debian"
+
+
+def _build_debian(rootfs: Path, progress: Progress) -> None:
+    if not shutil.which("debootstrap"):
+        raise RuntimeUnavailableError("building the base template needs debootstrap",
+                                      hint="apt-get install debootstrap")
+    mirror = debian_mirror()
+    cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", BASE_SUITE, str(rootfs), mirror]
+    progress(f"debootstrap {BASE_SUITE} from {mirror} (about a minute)")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = (tail + [line])[-20:]
+        if line.startswith(("I: Retrieving", "I: Validating", "I: Extracting", "I: Unpacking", "I: Configuring")):
+            if not line.endswith("..."):
+                progress(line[3:])
+        elif line.startswith(("I: ", "W: ", "E: ")):
+            progress(line[3:])
+    if proc.wait() != 0:
+        raise RuntimeUnavailableError("debootstrap failed: " + " | ".join(tail[-5:]),
+                                      hint="check that the Debian mirror is reachable (CORRAL_DEBIAN_MIRROR)")
+    shutil.rmtree(rootfs / "var" / "cache" / "apt" / "archives", ignore_errors=True)
+    (rootfs / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+
+
+def _finish_rootfs(rootfs: Path) -> None:
+    etc = rootfs / "etc"
+    etc.mkdir(exist_ok=True)
+    (etc / "hostname").write_text(defaults.HOSTNAME + "\n")
+    (etc / "hosts").write_text(f"127.0.0.1\tlocalhost {defaults.HOSTNAME}\n::1\tlocalhost ip6-localhost\n")
+    for d in ("workspace", ".corral/rt", ".corral/agent", "proc", "sys", "dev", "tmp"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(rootfs / "tmp", 0o1777)
+
+
+def shift_ownership(root: Path, base: int) -> tuple[int, int]:
+    """Map the layer's owners into the sandbox's uid range (root inside = ``base`` outside)."""
+    files = size = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames, ""]:
+            p = os.path.join(dirpath, name) if name else dirpath
+            if not name and dirpath != str(root):
+                continue
+            st = os.lstat(p)
+            if st.st_uid >= base:
+                continue
+            os.lchown(p, st.st_uid + base, st.st_gid + base)
+            # chown clears setuid/setgid bits; put them back (no_new_privs makes them inert anyway).
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(p, stat.S_IMODE(st.st_mode))
+            files += 1
+            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return files, size
+
+
+# ---- the agent's runtime ------------------------------------------------------------------------
+def agent_runtime_dir(data_dir: Path) -> Path:
+    return data_dir / "agent-runtime" / f"py{sys.version_info[0]}{sys.version_info[1]}-v{AGENT_RUNTIME_VERSION}"
+
+
+def ensure_agent_runtime(data_dir: Path) -> Path:
+    """A self-contained copy of this Python (binary, loader, libraries, trimmed stdlib).
+
+    Bound read-only into every sandbox so the agent runs in images without Python or with another
+    libc. Built once per Python version.
+    """
+    dest = agent_runtime_dir(data_dir)
+    if (dest / "ok").exists():
+        return dest
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "bin").mkdir(parents=True)
+    (tmp / "lib").mkdir()
+    exe = os.path.realpath(sys.executable)
+    shutil.copy2(exe, tmp / "bin" / "python3")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    ver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    dst_std = tmp / "lib" / ver
+    sos: list[str] = [exe]
+
+    def ignore(d: str, names: list[str]) -> set[str]:
+        skip = set()
+        for n in names:
+            full = os.path.join(d, n)
+            if n in _PY_EXCLUDE_DIRS or n.startswith("config-"):
+                skip.add(n)
+            elif d.endswith("__pycache__") and ".opt-" in n:
+                skip.add(n)
+            elif d.endswith("lib-dynload"):
+                if _DYNLOAD_EXCLUDE.match(n):
+                    skip.add(n)
+                else:
+                    sos.append(full)
+        return skip
+
+    shutil.copytree(stdlib, dst_std, ignore=ignore, symlinks=False)
+    libs: dict[str, str] = {}
+    for so in sos:
+        out = subprocess.run(["ldd", so], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            m = re.match(r"\s*(\S+)\s+=>\s+(/\S+)", line) or re.match(r"\s*(/\S+ld-linux\S*)\s", line)
+            if m:
+                name, path = (m.group(1), m.group(2)) if m.lastindex == 2 else (os.path.basename(m.group(1)), m.group(1))
+                libs[os.path.basename(name)] = path
+    if "ld-linux-x86-64.so.2" not in libs:
+        libs["ld-linux-x86-64.so.2"] = "/lib64/ld-linux-x86-64.so.2"
+    for name, path in libs.items():
+        shutil.copy2(os.path.realpath(path), tmp / "lib" / name)
+    for dirpath, _dirs, files in os.walk(tmp):
+        os.chmod(dirpath, 0o755)
+        for f in files:
+            p = os.path.join(dirpath, f)
+            os.chmod(p, 0o755 if os.access(p, os.X_OK) else 0o644)
+    (tmp / "ok").write_text(exe + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def validate_template_name(name: str) -> str:
+    if not re.match(r"^[a-z0-9][a-z0-9._-]{0,62}$", name):
+        raise InvalidRequestError(f"invalid template name {name!r}")
+    return name

@@ -1,0 +1,275 @@
+"""OCI container runtime: bundles run by crun (runc as a fallback), rootfs on overlayfs.
+
+Layout per sandbox under ``<data_dir>/sandboxes/<id>/``:
+  upper/, work/   the sandbox's own overlay layer (kept across stop/start)
+  rootfs/         the merged overlay while running (template mode) or a read-only bind of /
+  workspace/      host mode only: the writable workspace
+  run/            host-only (0700): agent.sock, crun.log; never mounted into the sandbox
+  bundle/         config.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.errors import RuntimeUnavailableError
+from corral.policy import defaults
+from corral.policy.compile import SandboxPaths, compile_oci
+from corral.policy.spec import SandboxPolicy
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+CLONE_NEWNS = 0x00020000
+CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer", "blkio", "cpuset", "devices",
+                      "net_cls", "net_prio", "systemd", "unified")
+
+
+def _mount(src: str, dst: str, fstype: str | None, flags: int, data: str | None) -> None:
+    rc = _libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags,
+                     data.encode() if data else None)
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {src} on {dst}: {os.strerror(e)}")
+
+
+def _umount(path: str) -> bool:
+    if _libc.umount2(path.encode(), MNT_DETACH) != 0:
+        e = ctypes.get_errno()
+        if e in (errno.EINVAL, errno.ENOENT):
+            return False
+        raise OSError(e, f"umount {path}: {os.strerror(e)}")
+    return True
+
+
+def is_mountpoint(path: str) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == path for line in f)
+    except OSError:
+        return False
+
+
+def enter_private_mount_namespace() -> bool:
+    """Give the daemon its own mount namespace and hide the cgroup2 mount of a hybrid layout.
+
+    crun 1.8 refuses hybrid cgroups ("cgroups in hybrid mode not supported"); in a private mount
+    namespace without /sys/fs/cgroup/unified it sees a plain v1 layout. Sandbox mounts made by the
+    daemon live in this namespace too, so they vanish with the daemon instead of leaking on the host.
+    Must run before the daemon starts any thread. Returns whether the cgroup2 mount was hidden.
+    """
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        e = ctypes.get_errno()
+        raise RuntimeUnavailableError(f"cannot create a mount namespace: {os.strerror(e)}",
+                                      hint="corral up must run as root")
+    _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    # crun applies the sandbox's rlimits from its own process and can only lower them.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if is_mountpoint("/sys/fs/cgroup/unified"):
+        _umount("/sys/fs/cgroup/unified")
+        return True
+    return False
+
+
+def find_oci_runtime() -> str | None:
+    for name in ("crun", "runc"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+@dataclass
+class RunningInfo:
+    sandbox_id: str
+    status: str  # running | stopped | paused | created
+    pid: int | None
+
+
+class OciRuntime:
+    def __init__(self, data_dir: Path, state_dir: Path, agent_src: Path, agent_runtime: Path, binary: str | None = None):
+        self.data_dir = data_dir
+        self.state_dir = state_dir
+        self.agent_src = agent_src
+        self.agent_runtime = agent_runtime
+        self.binary = binary or find_oci_runtime() or ""
+        self.sandboxes = data_dir / "sandboxes"
+
+    # ---- paths -------------------------------------------------------------------------------
+    def dir(self, sandbox_id: str) -> Path:
+        return self.sandboxes / sandbox_id
+
+    def socket_path(self, sandbox_id: str) -> str:
+        return str(self.dir(sandbox_id) / "run" / "agent.sock")
+
+    def _cmd(self, *args: str) -> list[str]:
+        return [self.binary, "--root", str(self.state_dir), *args]
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def prepare(self, sandbox_id: str, policy: SandboxPolicy) -> None:
+        d = self.dir(sandbox_id)
+        for sub in ("upper", "work", "rootfs", "run", "bundle"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o711)
+        os.chmod(d / "run", 0o700)
+        os.chmod(d / "work", 0o700)
+        os.chown(d / "upper", defaults.UID_BASE, defaults.UID_BASE)
+        os.chmod(d / "upper", 0o755)
+        if policy.root == "host":
+            (d / "workspace").mkdir(exist_ok=True)
+            os.chown(d / "workspace", defaults.UID_BASE, defaults.UID_BASE)
+
+    def _mount_rootfs(self, sandbox_id: str, policy: SandboxPolicy, template_rootfs: str) -> str:
+        d = self.dir(sandbox_id)
+        rootfs = str(d / "rootfs")
+        if is_mountpoint(rootfs):
+            _umount(rootfs)
+        if policy.root == "host":
+            _mount("/", rootfs, None, MS_BIND, None)
+            _mount("none", rootfs, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        else:
+            opts = f"lowerdir={template_rootfs},upperdir={d / 'upper'},workdir={d / 'work'}"
+            _mount("overlay", rootfs, "overlay", MS_NOSUID | MS_NODEV, opts)
+        return rootfs
+
+    async def start(self, sandbox_id: str, policy: SandboxPolicy, template_rootfs: str) -> None:
+        if not self.binary:
+            raise RuntimeUnavailableError("no OCI runtime (crun or runc) is installed", hint="apt-get install crun")
+        d = self.dir(sandbox_id)
+        rootfs = self._mount_rootfs(sandbox_id, policy, template_rootfs)
+        paths = SandboxPaths(
+            rootfs=rootfs, agent_src=str(self.agent_src),
+            agent_runtime=str(self.agent_runtime),
+            workspace=str(d / "workspace") if policy.root == "host" else None,
+            masked_dirs=(str(self.data_dir), str(self.state_dir)) if policy.root == "host" else (),
+        )
+        nofile = min(defaults.NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        plan = compile_oci(sandbox_id, policy, paths, nofile=nofile)
+        (d / "bundle" / "config.json").write_text(json.dumps(plan.config))
+        sock_path = self.socket_path(sandbox_id)
+        try:
+            os.unlink(sock_path)
+        except FileNotFoundError:
+            pass
+        # The daemon owns the listening socket; the agent inherits it as fd 3. The path stays on
+        # the host side, so nothing in the sandbox can connect to it (or reach the daemon).
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(sock_path)
+            os.chmod(sock_path, 0o600)
+            listener.listen(128)
+            log = os.open(d / "run" / "crun.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                pid = os.posix_spawn(
+                    self.binary,
+                    self._cmd("run", "-d", "--preserve-fds", "1", "-b", str(d / "bundle"), sandbox_id),
+                    {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                                  (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2),
+                                  (os.POSIX_SPAWN_DUP2, listener.fileno(), 3)],
+                )
+            finally:
+                os.close(log)
+            _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        finally:
+            listener.close()
+        if os.waitstatus_to_exitcode(status) != 0:
+            tail = (d / "run" / "crun.log").read_text(errors="replace").strip().splitlines()[-3:]
+            await self.stop(sandbox_id)
+            raise RuntimeUnavailableError(f"the OCI runtime could not start sandbox {sandbox_id}: {' | '.join(tail)}")
+
+    async def _run(self, *args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(*self._cmd(*args), stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode(errors="replace")
+
+    async def stop(self, sandbox_id: str) -> None:
+        """Kill every process of the sandbox and release its runtime state; keep its files."""
+        await self._run("kill", "--all", sandbox_id, "KILL")
+        rc, out = await self._run("delete", "--force", sandbox_id)
+        if rc != 0 and "does not exist" not in out and "not exist" not in out:
+            # The cgroup may still hold exiting processes for a moment.
+            await asyncio.sleep(0.05)
+            await self._run("delete", "--force", sandbox_id)
+        self.remove_cgroups(sandbox_id)
+        rootfs = str(self.dir(sandbox_id) / "rootfs")
+        if is_mountpoint(rootfs):
+            _umount(rootfs)
+        try:
+            os.unlink(self.socket_path(sandbox_id))
+        except FileNotFoundError:
+            pass
+
+    async def destroy(self, sandbox_id: str) -> None:
+        await self.stop(sandbox_id)
+        shutil.rmtree(self.dir(sandbox_id), ignore_errors=True)
+
+    async def state(self, sandbox_id: str) -> RunningInfo | None:
+        rc, out = await self._run("state", sandbox_id)
+        if rc != 0:
+            return None
+        try:
+            data = json.loads(out)
+        except ValueError:
+            return None
+        return RunningInfo(sandbox_id, str(data.get("status")), data.get("pid"))
+
+    async def list(self) -> list[RunningInfo]:
+        rc, out = await self._run("list", "--format", "json")
+        if rc != 0:
+            return []
+        try:
+            data = json.loads(out or "[]") or []
+        except ValueError:
+            return []
+        return [RunningInfo(c["id"], c.get("status", ""), c.get("pid")) for c in data]
+
+    # ---- cgroups -----------------------------------------------------------------------------
+    def cgroup_dirs(self, sandbox_id: str) -> list[Path]:
+        return [p for c in CGROUP_CONTROLLERS if (p := Path("/sys/fs/cgroup") / c / "corral" / sandbox_id).is_dir()]
+
+    def cgroup_ids(self) -> set[str]:
+        out: set[str] = set()
+        for c in CGROUP_CONTROLLERS:
+            base = Path("/sys/fs/cgroup") / c / "corral"
+            if base.is_dir():
+                out.update(p.name for p in base.iterdir() if p.is_dir())
+        return out
+
+    def remove_cgroups(self, sandbox_id: str) -> None:
+        for p in self.cgroup_dirs(sandbox_id):
+            for child in sorted(p.rglob("*"), key=lambda x: -len(x.parts)):
+                if child.is_dir():
+                    try:
+                        child.rmdir()
+                    except OSError:
+                        pass
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+
+    def memory_events(self, sandbox_id: str) -> dict[str, int]:
+        p = Path("/sys/fs/cgroup/memory/corral") / sandbox_id / "memory.oom_control"
+        try:
+            return {k: int(v) for k, v in (ln.split() for ln in p.read_text().splitlines())}
+        except (OSError, ValueError):
+            return {}
