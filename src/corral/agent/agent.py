@@ -55,15 +55,10 @@ def _oserror(e: OSError, path: str = "") -> OpError:
 
 
 def check_path(path: Any) -> str:
-    if not isinstance(path, str) or not path:
-        raise OpError("InvalidPath", "path must be a non-empty string")
-    if "\x00" in path:
-        raise OpError("InvalidPath", "path contains a NUL byte")
-    if not path.startswith("/"):
-        raise OpError("InvalidPath", f"path {path!r} is not absolute")
-    if ".." in path.split("/"):
-        raise OpError("InvalidPath", f"path {path!r} has a '..' component")
-    return path
+    try:
+        return P.check_path(path)
+    except ValueError as e:
+        raise OpError("InvalidPath", str(e)) from None
 
 
 class Proc:

@@ -56,3 +56,22 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("JSON frame is not an object")
     return obj
+
+
+def check_path(path: Any) -> str:
+    """Validate a path the files API is asked about. Raises ValueError with the reason.
+
+    Paths are absolute and free of '..' components and NUL bytes; they are resolved by the agent
+    inside the sandbox's own root, never on the host.
+    """
+    if not isinstance(path, str) or not path:
+        raise ValueError("path must be a non-empty string")
+    if "\x00" in path:
+        raise ValueError("path contains a NUL byte")
+    if not path.startswith("/"):
+        raise ValueError(f"path {path!r} is not absolute")
+    if ".." in path.split("/"):
+        raise ValueError(f"path {path!r} has a '..' component")
+    if len(path) > 4096:
+        raise ValueError("path is longer than 4096 bytes")
+    return path

@@ -136,17 +136,25 @@ class AgentClient:
             raise
         return conn, start
 
-    async def read_file(self, path: str, max_bytes: int) -> AsyncIterator[bytes]:
+    async def open_read(self, path: str, max_bytes: int) -> tuple[AgentConnection, int]:
+        """Start reading a file: errors (missing, not a regular file, too large) surface here."""
         conn = await self.connect()
         try:
             await conn.send_json({"op": "read", "path": path, "max_bytes": max_bytes})
-            await conn.reply()
+            reply = await conn.reply()
+        except BaseException:
+            conn.close()
+            raise
+        return conn, int(reply.get("size", 0))
+
+    @staticmethod
+    async def iter_read(conn: AgentConnection) -> AsyncIterator[bytes]:
+        try:
             while True:
                 kind, data = await conn.read_frame()
-                if kind == P.DATA:
-                    yield data
-                else:
+                if kind != P.DATA:
                     break
+                yield data
         finally:
             conn.close()
 

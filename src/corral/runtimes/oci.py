@@ -179,7 +179,8 @@ class OciRuntime:
             try:
                 pid = os.posix_spawn(
                     self.binary,
-                    self._cmd("run", "-d", "--preserve-fds", "1", "-b", str(d / "bundle"), sandbox_id),
+                    self._cmd("run", "-d", "--preserve-fds", "1", "--pid-file", str(d / "run" / "pid"),
+                              "-b", str(d / "bundle"), sandbox_id),
                     {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
                     file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                                   (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2),
@@ -242,6 +243,19 @@ class OciRuntime:
             return []
         return [RunningInfo(c["id"], c.get("status", ""), c.get("pid")) for c in data]
 
+    def read_pid(self, sandbox_id: str) -> int | None:
+        try:
+            return int((self.dir(sandbox_id) / "run" / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def agent_log_tail(self, sandbox_id: str) -> str:
+        try:
+            lines = (self.dir(sandbox_id) / "run" / "crun.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-3:])
+
     # ---- cgroups -----------------------------------------------------------------------------
     def cgroup_dirs(self, sandbox_id: str) -> list[Path]:
         return [p for c in CGROUP_CONTROLLERS if (p := Path("/sys/fs/cgroup") / c / "corral" / sandbox_id).is_dir()]
@@ -253,6 +267,15 @@ class OciRuntime:
             if base.is_dir():
                 out.update(p.name for p in base.iterdir() if p.is_dir())
         return out
+
+    def cgroup_has_tasks(self, sandbox_id: str) -> bool:
+        for p in self.cgroup_dirs(sandbox_id):
+            try:
+                if (p / "cgroup.procs").read_text().strip():
+                    return True
+            except OSError:
+                pass
+        return False
 
     def remove_cgroups(self, sandbox_id: str) -> None:
         for p in self.cgroup_dirs(sandbox_id):

@@ -1,0 +1,55 @@
+"""Corral: self-hosted, secure, persistent sandboxes for AI coding agents.
+
+This module is the public SDK surface only; ``__all__`` is pinned by a test.
+"""
+
+from corral.errors import (
+    AgentError,
+    AuthenticationError,
+    CommandTimeoutError,
+    ConflictError,
+    CorralError,
+    DaemonUnreachableError,
+    FileNotFoundInSandboxError,
+    InvalidPathError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PolicyRejectedError,
+    RuntimeUnavailableError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+    TemplateNotFoundError,
+)
+from corral.policy.spec import ResourcePolicy, SandboxPolicy
+from corral.sdk.client import AsyncSandbox, Client, CommandResult, FileInfo
+from corral.sdk.sync import Sandbox
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentError",
+    "AsyncSandbox",
+    "AuthenticationError",
+    "Client",
+    "CommandResult",
+    "CommandTimeoutError",
+    "ConflictError",
+    "CorralError",
+    "DaemonUnreachableError",
+    "FileInfo",
+    "FileNotFoundInSandboxError",
+    "InvalidPathError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PolicyRejectedError",
+    "ResourcePolicy",
+    "RuntimeUnavailableError",
+    "Sandbox",
+    "SandboxNotFoundError",
+    "SandboxNotRunningError",
+    "SandboxPolicy",
+    "TemplateNotFoundError",
+    "__version__",
+]

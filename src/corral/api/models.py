@@ -1,0 +1,233 @@
+"""Wire models shared by the daemon and the SDK; the source of the OpenAPI document."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from corral.policy.spec import SandboxPolicy
+
+SANDBOX_ID = re.compile(r"^sb-[0-9a-f]{12}$")
+API_PREFIX = "/v1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSandboxRequest(SandboxPolicy):
+    """A sandbox policy plus labels. Fields absent take the safe defaults."""
+
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class Timing(_Model):
+    total_ms: float
+    template_build_ms: float = 0.0
+    runtime_start_ms: float = 0.0
+    agent_ready_ms: float = 0.0
+
+
+class SandboxInfo(_Model):
+    id: str
+    template: str
+    desired: Literal["running", "stopped"]
+    status: Literal["creating", "running", "stopped", "error"]
+    reason: str = Field(description="stable CamelCase reason for the status, e.g. Started, Timeout, OOMKilled")
+    message: str = ""
+    created_at: float
+    started_at: float | None = None
+    stopped_at: float | None = None
+    timeout_at: float | None = None
+    policy: SandboxPolicy
+    weakenings: list[str] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    timing: Timing | None = None
+
+
+class SandboxList(_Model):
+    sandboxes: list[SandboxInfo]
+
+
+class ExecRequest(_Model):
+    cmd: str | None = Field(None, description="a shell command line, run with bash (or sh) -c")
+    argv: list[str] | None = Field(None, description="an argument vector, run without a shell")
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    stdin: str | None = Field(None, description="text written to the command's stdin, then closed")
+    timeout_s: float | None = Field(None, gt=0, le=7 * 86400)
+    background: bool = False
+    tag: str | None = Field(None, max_length=200)
+    pty: dict[str, int] | None = Field(None, description="{rows, cols} to run on a pseudo-terminal (WebSocket only)")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ExecRequest:
+        if (self.cmd is None) == (self.argv is None):
+            raise ValueError("give exactly one of cmd (a string) or argv (a list of strings)")
+        if self.argv is not None and not self.argv:
+            raise ValueError("argv must not be empty")
+        for s in [self.cmd or "", *(self.argv or []), *(self.env.values()), self.cwd or ""]:
+            if "\x00" in s:
+                raise ValueError("command, arguments, env and cwd must not contain NUL bytes")
+        return self
+
+
+class ExecResult(_Model):
+    pid: int
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    truncated_bytes: int = 0
+    duration_ms: float = 0.0
+    background: bool = False
+
+
+class ProcessInfo(_Model):
+    pid: int
+    argv: list[str]
+    tag: str | None = None
+    started_at: float
+    running: bool
+    pty: bool = False
+    exit_code: int | None = None
+
+
+class ProcessList(_Model):
+    processes: list[ProcessInfo]
+
+
+class SignalRequest(_Model):
+    signal: int = Field(9, ge=1, le=64)
+
+
+class StdinRequest(_Model):
+    data: str = ""
+    eof: bool = False
+
+
+class FileEntry(_Model):
+    path: str
+    name: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    mtime: float
+    uid: int
+    gid: int
+    target: str | None = None
+
+
+class FileList(_Model):
+    entries: list[FileEntry]
+
+
+class WriteResult(_Model):
+    path: str
+    size: int
+
+
+class PathRequest(_Model):
+    path: str
+    parents: bool = True
+
+
+class RenameRequest(_Model):
+    src: str
+    dst: str
+
+
+class TemplateInfo(_Model):
+    name: str
+    built: bool
+    description: str = ""
+    built_at: float | None = None
+    size_bytes: int | None = None
+    files: int | None = None
+
+
+class TemplateList(_Model):
+    templates: list[TemplateInfo]
+
+
+class AuditRecord(_Model):
+    seq: int
+    ts: float
+    key_id: str | None
+    action: str
+    target: str | None
+    result: str
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditList(_Model):
+    records: list[AuditRecord]
+
+
+class AuditVerify(_Model):
+    ok: bool
+    records: int
+    first_bad_seq: int | None = None
+    message: str
+
+
+class HostFeature(_Model):
+    name: str
+    available: bool
+    detail: str
+    required: bool = False
+
+
+class HostReport(_Model):
+    ok: bool
+    features: list[HostFeature]
+    runtime: str | None
+
+
+class Health(_Model):
+    ok: bool
+    version: str
+    sandboxes_running: int
+    schema_version: int
+
+
+class ErrorDetail(_Model):
+    code: str
+    message: str
+    hint: str = ""
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorBody(_Model):
+    error: ErrorDetail
+
+
+def check_sandbox_id(value: str) -> str:
+    if not SANDBOX_ID.match(value):
+        from corral.errors import SandboxNotFoundError
+
+        raise SandboxNotFoundError(f"{value!r} is not a sandbox id (they look like sb-0123456789ab)")
+    return value
+
+
+class WsClientMessage(_Model):
+    """Messages a client sends on an exec WebSocket after the initial ExecRequest."""
+
+    type: Literal["stdin", "close_stdin", "signal", "resize"]
+    data: str | None = None
+    signal: int | None = None
+    rows: int | None = None
+    cols: int | None = None
+
+    @field_validator("rows", "cols")
+    @classmethod
+    def _size(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= 10000:
+            raise ValueError("rows and cols must be between 1 and 10000")
+        return v

@@ -1,0 +1,372 @@
+"""The service: the only mutator. Routes parse requests into calls on it; it drives the store,
+the runtime, the templates and the agents, and keeps desired and observed state reconciled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from corral import errors
+from corral.agent import protocol as P
+from corral.api import models as m
+from corral.audit import chain
+from corral.daemon.settings import DaemonSettings
+from corral.daemon.store import SandboxRecord, Store
+from corral.policy.spec import SandboxPolicy
+from corral.runtimes import images
+from corral.runtimes.agentclient import AgentClient, AgentConnection
+from corral.runtimes.oci import OciRuntime
+
+log = logging.getLogger("corral.service")
+AGENT_READY_TIMEOUT_S = 20.0
+
+
+def new_sandbox_id() -> str:
+    return "sb-" + secrets.token_hex(6)
+
+
+def check_path(path: str) -> str:
+    try:
+        return P.check_path(path)
+    except ValueError as e:
+        raise errors.InvalidPathError(str(e)) from None
+
+
+class Service:
+    def __init__(self, settings: DaemonSettings, store: Store, runtime: OciRuntime, templates: images.TemplateStore):
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.templates = templates
+        self.records: dict[str, SandboxRecord] = {r.id: r for r in store.list_sandboxes()}
+        self.pids: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._template_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.audit: Callable[..., Any] = store.append_audit
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    def _record(self, sandbox_id: str) -> SandboxRecord:
+        m.check_sandbox_id(sandbox_id)
+        rec = self.records.get(sandbox_id)
+        if rec is None or rec.deleted_at is not None:
+            raise errors.SandboxNotFoundError(f"no sandbox {sandbox_id}")
+        return rec
+
+    def _running(self, sandbox_id: str) -> SandboxRecord:
+        rec = self._record(sandbox_id)
+        if rec.status != "running":
+            raise errors.SandboxNotRunningError(f"sandbox {sandbox_id} is {rec.status} ({rec.reason})")
+        return rec
+
+    def agent(self, sandbox_id: str) -> AgentClient:
+        return AgentClient(self.runtime.socket_path(sandbox_id), sandbox_id)
+
+    def _update(self, rec: SandboxRecord, **values: Any) -> None:
+        for k, v in values.items():
+            setattr(rec, k, v)
+        self.store.update_sandbox(rec.id, **values)
+
+    def info(self, rec: SandboxRecord, timing: m.Timing | None = None) -> m.SandboxInfo:
+        policy = SandboxPolicy.model_validate(rec.policy)
+        return m.SandboxInfo(
+            id=rec.id, template=rec.template, desired=rec.desired, status=rec.status,  # type: ignore[arg-type]
+            reason=rec.reason, message=rec.message, created_at=rec.created_at, started_at=rec.started_at,
+            stopped_at=rec.stopped_at, timeout_at=rec.timeout_at, policy=policy, weakenings=policy.weakenings(),
+            metadata=rec.metadata, timing=timing)
+
+    # ---- templates ---------------------------------------------------------------------------
+    def list_templates(self) -> m.TemplateList:
+        built = {t.name: t for t in self.templates.list()}
+        out = []
+        for name in sorted(set(images.BUILTIN_TEMPLATES) | set(built)):
+            t = built.get(name)
+            out.append(m.TemplateInfo(name=name, built=t is not None, description=t.description if t else "",
+                                      built_at=t.built_at if t else None, size_bytes=t.size_bytes if t else None,
+                                      files=t.files if t else None))
+        return m.TemplateList(templates=out)
+
+    async def ensure_template(self, name: str, progress: Callable[[str], None] | None = None,
+                              force: bool = False) -> images.TemplateInfo:
+        images.validate_template_name(name)
+        info = self.templates.get(name)
+        if info and not force:
+            return info
+        if name not in images.BUILTIN_TEMPLATES:
+            raise errors.TemplateNotFoundError(f"no template named {name!r}")
+        lock = self._template_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            info = self.templates.get(name)
+            if info and not force:
+                return info
+            loop = asyncio.get_running_loop()
+
+            def report(line: str) -> None:
+                log.info("template %s: %s", name, line)
+                if progress:
+                    loop.call_soon_threadsafe(progress, line)
+
+            return await asyncio.to_thread(self.templates.build, name, report, force)
+
+    # ---- sandbox lifecycle -------------------------------------------------------------------
+    async def create(self, req: m.CreateSandboxRequest, key_id: str | None,
+                     progress: Callable[[str], None] | None = None) -> m.SandboxInfo:
+        t0 = time.perf_counter()
+        policy = SandboxPolicy.model_validate(req.model_dump(exclude={"metadata"}))
+        tpl = await self.ensure_template(policy.template, progress)
+        t_tpl = time.perf_counter()
+        now = time.time()
+        rec = SandboxRecord(id=new_sandbox_id(), template=policy.template, policy=policy.model_dump(mode="json"),
+                            metadata=dict(req.metadata), desired="running", status="creating", reason="Creating",
+                            message="", created_at=now, owner_key=key_id)
+        self.store.insert_sandbox(rec)
+        self.records[rec.id] = rec
+        try:
+            async with self._lock(rec.id):
+                self.runtime.prepare(rec.id, policy)
+                timing = await self._boot(rec, policy, tpl.rootfs)
+        except BaseException as e:
+            log.warning("create %s failed: %s", rec.id, e)
+            await self.runtime.destroy(rec.id)
+            self._update(rec, status="error", desired="stopped", reason="CreateFailed", message=str(e)[:500],
+                         deleted_at=time.time())
+            self.records.pop(rec.id, None)
+            raise
+        timing.template_build_ms = (t_tpl - t0) * 1000
+        timing.total_ms = (time.perf_counter() - t0) * 1000
+        return self.info(rec, timing)
+
+    async def _boot(self, rec: SandboxRecord, policy: SandboxPolicy, rootfs: str) -> m.Timing:
+        t0 = time.perf_counter()
+        await self.runtime.start(rec.id, policy, rootfs)
+        t1 = time.perf_counter()
+        try:
+            await self.agent(rec.id).ping(timeout_s=AGENT_READY_TIMEOUT_S)
+        except errors.CorralError as e:
+            tail = self.runtime.agent_log_tail(rec.id)
+            await self.runtime.stop(rec.id)
+            raise errors.RuntimeUnavailableError(f"the agent of {rec.id} did not start: {e}; {tail}") from None
+        t2 = time.perf_counter()
+        pid = self.runtime.read_pid(rec.id)
+        if pid:
+            self.pids[rec.id] = pid
+        now = time.time()
+        self._update(rec, status="running", desired="running", reason="Started", message="", started_at=now,
+                     stopped_at=None, timeout_at=now + policy.timeout_s if policy.timeout_s else None)
+        return m.Timing(total_ms=0, runtime_start_ms=(t1 - t0) * 1000, agent_ready_ms=(t2 - t1) * 1000)
+
+    def get(self, sandbox_id: str) -> m.SandboxInfo:
+        return self.info(self._record(sandbox_id))
+
+    def list(self) -> m.SandboxList:
+        return m.SandboxList(sandboxes=[self.info(r) for r in self.records.values() if r.deleted_at is None])
+
+    async def stop(self, sandbox_id: str, reason: str = "Stopped", message: str = "",
+                   desired: str = "stopped") -> m.SandboxInfo:
+        rec = self._record(sandbox_id)
+        async with self._lock(sandbox_id):
+            if rec.status in ("running", "creating", "error") or self.runtime.dir(sandbox_id).exists():
+                await self.runtime.stop(sandbox_id)
+            self.pids.pop(sandbox_id, None)
+            if rec.status != "stopped" or rec.desired != desired:
+                self._update(rec, status="stopped", desired=desired, reason=reason, message=message,
+                             stopped_at=time.time(), timeout_at=None)
+        return self.info(rec)
+
+    async def start(self, sandbox_id: str) -> m.SandboxInfo:
+        rec = self._record(sandbox_id)
+        async with self._lock(sandbox_id):
+            if rec.status == "running":
+                return self.info(rec)
+            policy = SandboxPolicy.model_validate(rec.policy)
+            tpl = await self.ensure_template(policy.template)
+            self.runtime.prepare(rec.id, policy)
+            t0 = time.perf_counter()
+            try:
+                timing = await self._boot(rec, policy, tpl.rootfs)
+            except errors.CorralError as e:
+                self._update(rec, status="stopped", reason="StartFailed", message=str(e)[:500])
+                raise
+            timing.total_ms = (time.perf_counter() - t0) * 1000
+            return self.info(rec, timing)
+
+    async def delete(self, sandbox_id: str) -> None:
+        rec = self._record(sandbox_id)
+        async with self._lock(sandbox_id):
+            await self.runtime.destroy(sandbox_id)
+            self.pids.pop(sandbox_id, None)
+            self._update(rec, status="stopped", desired="stopped", reason="Deleted", deleted_at=time.time())
+            self.records.pop(sandbox_id, None)
+        self._locks.pop(sandbox_id, None)
+
+    # ---- commands ----------------------------------------------------------------------------
+    def _exec_req(self, req: m.ExecRequest) -> dict[str, Any]:
+        if req.cwd is not None:
+            check_path(req.cwd)
+        return {"cmd": req.cmd, "argv": req.argv, "env": req.env, "cwd": req.cwd, "user": req.user,
+                "timeout_s": req.timeout_s, "background": req.background, "tag": req.tag, "pty": req.pty}
+
+    async def exec(self, sandbox_id: str, req: m.ExecRequest) -> m.ExecResult:
+        self._running(sandbox_id)
+        t0 = time.perf_counter()
+        agent = self.agent(sandbox_id)
+        if req.background:
+            r = await agent.request({**self._exec_req(req), "op": "exec", "stdin": req.stdin is not None})
+            if req.stdin is not None:
+                await agent.send_stdin(int(r["pid"]), req.stdin.encode(), eof=True)
+            return m.ExecResult(pid=int(r["pid"]), background=True, duration_ms=(time.perf_counter() - t0) * 1000)
+        res = await agent.exec_collect(self._exec_req(req), self.settings.max_output_bytes,
+                                       stdin=req.stdin.encode() if req.stdin is not None else None)
+        return m.ExecResult(pid=int(res["pid"] or 0), stdout=res["stdout"].decode(errors="replace"),
+                            stderr=res["stderr"].decode(errors="replace"), exit_code=res["exit_code"],
+                            signal=res["signal"], timed_out=res["timed_out"], truncated_bytes=res["truncated_bytes"],
+                            duration_ms=(time.perf_counter() - t0) * 1000)
+
+    async def exec_stream(self, sandbox_id: str, req: m.ExecRequest) -> tuple[AgentConnection, int]:
+        self._running(sandbox_id)
+        conn, start = await self.agent(sandbox_id).exec_stream(
+            {**self._exec_req(req), "op": "exec", "stdin": True})
+        if req.stdin:
+            await conn.send(P.STDIN, req.stdin.encode())
+        return conn, int(start["pid"])
+
+    async def attach(self, sandbox_id: str, pid: int) -> tuple[AgentConnection, int]:
+        self._running(sandbox_id)
+        conn, start = await self.agent(sandbox_id).exec_stream({"op": "attach", "pid": pid, "replay": True})
+        return conn, int(start["pid"])
+
+    async def processes(self, sandbox_id: str) -> m.ProcessList:
+        self._running(sandbox_id)
+        r = await self.agent(sandbox_id).request({"op": "processes"})
+        return m.ProcessList(processes=[m.ProcessInfo.model_validate(p) for p in r.get("processes", [])])
+
+    async def signal(self, sandbox_id: str, pid: int, sig: int) -> None:
+        self._running(sandbox_id)
+        await self.agent(sandbox_id).request({"op": "signal", "pid": pid, "signal": sig})
+
+    async def stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None:
+        self._running(sandbox_id)
+        await self.agent(sandbox_id).send_stdin(pid, data, eof)
+
+    # ---- files -------------------------------------------------------------------------------
+    async def open_read(self, sandbox_id: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
+        self._running(sandbox_id)
+        agent = self.agent(sandbox_id)
+        conn, size = await agent.open_read(check_path(path), self.settings.max_upload_bytes)
+        return size, agent.iter_read(conn)
+
+    async def write(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes], mode: int = 0o644) -> m.WriteResult:
+        self._running(sandbox_id)
+        r = await self.agent(sandbox_id).write_file(check_path(path), chunks, mode)
+        return m.WriteResult(path=str(r.get("path", path)), size=int(r.get("size", 0)))
+
+    async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:
+        self._running(sandbox_id)
+        for k in ("path", "src", "dst"):
+            if k in args:
+                check_path(args[k])
+        return await self.agent(sandbox_id).request({"op": op, **args}, timeout_s=120)
+
+    # ---- audit -------------------------------------------------------------------------------
+    def audit_list(self, target: str | None, after_seq: int, limit: int) -> m.AuditList:
+        rows = self.store.audit_entries(target=target, after_seq=after_seq, limit=limit)
+        return m.AuditList(records=[m.AuditRecord.model_validate(r.to_dict()) for r in rows])
+
+    def audit_verify(self) -> m.AuditVerify:
+        r = chain.verify(self.store.iter_audit())
+        return m.AuditVerify(ok=r.ok, records=r.records, first_bad_seq=r.first_bad_seq, message=r.message)
+
+    # ---- reconciliation ----------------------------------------------------------------------
+    async def reconcile_startup(self) -> dict[str, list[str]]:
+        """After a restart (also after kill -9): re-adopt live sandboxes, mark dead ones, clean orphans."""
+        report: dict[str, list[str]] = {"adopted": [], "marked_stopped": [], "orphans_removed": [],
+                                        "partial_templates_removed": []}
+        report["partial_templates_removed"] = self.templates.cleanup_partial()
+        live = {c.sandbox_id: c for c in await self.runtime.list()}
+        for rec in list(self.records.values()):
+            c = live.get(rec.id)
+            if rec.status in ("running", "creating"):
+                alive = False
+                if c is not None and c.status == "running":
+                    try:
+                        await self.agent(rec.id).ping(timeout_s=3)
+                        alive = True
+                    except errors.CorralError:
+                        alive = False
+                if alive and rec.status == "running":
+                    if c is not None and c.pid:
+                        self.pids[rec.id] = c.pid
+                    report["adopted"].append(rec.id)
+                    continue
+                await self.runtime.stop(rec.id)
+                self._update(rec, status="stopped", desired="stopped", reason="LostWhileDaemonDown",
+                             message="the sandbox was not running when the daemon came back", stopped_at=time.time())
+                report["marked_stopped"].append(rec.id)
+            elif c is not None:
+                await self.runtime.stop(rec.id)
+        known = set(self.records)
+        for cid in live:
+            if cid.startswith("sb-") and cid not in known:
+                await self.runtime.destroy(cid)
+                report["orphans_removed"].append(f"container {cid}")
+        if self.runtime.sandboxes.is_dir():
+            for d in self.runtime.sandboxes.iterdir():
+                if d.name.startswith("sb-") and d.name not in known:
+                    await self.runtime.destroy(d.name)
+                    report["orphans_removed"].append(f"directory {d.name}")
+        for cg in self.runtime.cgroup_ids():
+            if cg in known and self.records[cg].status != "running":
+                self.runtime.remove_cgroups(cg)
+                report["orphans_removed"].append(f"cgroup {cg}")
+            elif cg not in known and (self.runtime.sandboxes / cg).exists() is False and cg.startswith("sb-") \
+                    and not self.runtime.cgroup_has_tasks(cg):
+                self.runtime.remove_cgroups(cg)
+                report["orphans_removed"].append(f"cgroup {cg}")
+        return report
+
+    async def tick(self) -> None:
+        """One pass of the lifecycle loop: wall-clock timeouts and sandboxes that died."""
+        now = time.time()
+        for rec in list(self.records.values()):
+            if rec.status != "running":
+                continue
+            if rec.timeout_at and now >= rec.timeout_at:
+                log.info("sandbox %s reached its timeout", rec.id)
+                await self.stop(rec.id, reason="Timeout", message="the sandbox reached timeout_s")
+                self.audit(None, "sandbox.timeout", rec.id, "stopped", {})
+                continue
+            pid = self.pids.get(rec.id)
+            if pid and not _alive(pid):
+                oom = self.runtime.memory_events(rec.id).get("oom_kill", 0) > 0
+                reason = "OOMKilled" if oom else "Exited"
+                log.warning("sandbox %s died (%s)", rec.id, reason)
+                await self.stop(rec.id, reason=reason, message="the sandbox's init process exited")
+                self.audit(None, "sandbox.died", rec.id, reason, {})
+
+    async def run_lifecycle(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("lifecycle pass failed")
+            await asyncio.sleep(min(1.0, self.settings.reconcile_interval_s))
+
+    def running_count(self) -> int:
+        return sum(1 for r in self.records.values() if r.status == "running")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return False
+

@@ -1,0 +1,67 @@
+"""Daemon configuration: defaults for one machine with zero config, overridable by environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 7770
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    data_dir: Path = Path("/var/lib/corral")
+    run_dir: Path = Path("/run/corral")
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_upload_bytes: int = 1 << 30
+    max_output_bytes: int = 16 << 20  # per stream of a collected (non-streaming) exec
+    reconcile_interval_s: float = 2.0
+    log_level: str = "info"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "corral.db"
+
+    @property
+    def api_key_path(self) -> Path:
+        return self.data_dir / "api-key"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.run_dir / "corral.sock"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.run_dir / "corrald.pid"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run_dir / "crun"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "corrald.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> DaemonSettings:
+        env = os.environ
+        values: dict[str, object] = {}
+        if "CORRAL_DATA_DIR" in env:
+            values["data_dir"] = Path(env["CORRAL_DATA_DIR"])
+        if "CORRAL_RUN_DIR" in env:
+            values["run_dir"] = Path(env["CORRAL_RUN_DIR"])
+        if "CORRAL_PORT" in env:
+            values["port"] = int(env["CORRAL_PORT"])
+        if "CORRAL_HOST" in env:
+            values["host"] = env["CORRAL_HOST"]
+        for k, v in overrides.items():
+            if v is not None:
+                values[k] = Path(str(v)) if k in ("data_dir", "run_dir") else v
+        return cls(**values)  # type: ignore[arg-type]

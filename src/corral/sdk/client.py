@@ -1,0 +1,434 @@
+"""The SDK's one implementation (async). ``corral.sdk.sync`` wraps it for synchronous code."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import websockets
+
+from corral import errors
+from corral.api import models as m
+
+DEFAULT_URL = "http://127.0.0.1:7770"
+DEFAULT_KEY_FILE = "/var/lib/corral/api-key"
+Callback = Callable[[str], Any]
+
+
+def discover() -> tuple[str, str | None]:
+    """Find the daemon and its API key: $CORRAL_URL / $CORRAL_API_KEY, else the local defaults."""
+    url = os.environ.get("CORRAL_URL") or (
+        f"http://{os.environ.get('CORRAL_HOST', '127.0.0.1')}:{os.environ['CORRAL_PORT']}"
+        if os.environ.get("CORRAL_PORT") else DEFAULT_URL)
+    key = os.environ.get("CORRAL_API_KEY")
+    if not key:
+        path = Path(os.environ.get("CORRAL_DATA_DIR", "/var/lib/corral")) / "api-key"
+        try:
+            key = path.read_text().strip() or None
+        except OSError:
+            key = None
+    return url, key
+
+
+class Client:
+    """HTTP + WebSocket transport to one daemon. Shared by every sandbox object made from it."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout_s: float = 600.0):
+        d_url, d_key = discover()
+        self.url = (url or d_url).rstrip("/")
+        self.api_key = api_key or d_key
+        transport = None
+        base = self.url
+        self._uds: str | None = None
+        if self.url.startswith("unix://"):
+            self._uds = self.url[len("unix://"):]
+            transport = httpx.AsyncHTTPTransport(uds=self._uds)
+            base = "http://corral"
+        self.base = base
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self.http = httpx.AsyncClient(base_url=base + m.API_PREFIX, headers=headers, transport=transport,
+                                      timeout=httpx.Timeout(timeout_s, connect=10.0))
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = await self.http.request(method, path, **kw)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+            raise errors.DaemonUnreachableError(f"cannot reach the Corral daemon at {self.url}: {e}") from None
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = r.text
+            raise errors.from_body(r.status_code, body)
+        return r
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, path: str, **kw: Any) -> AsyncIterator[httpx.Response]:
+        try:
+            async with self.http.stream(method, path, **kw) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    try:
+                        body = r.json()
+                    except ValueError:
+                        body = r.text
+                    raise errors.from_body(r.status_code, body)
+                yield r
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+            raise errors.DaemonUnreachableError(f"cannot reach the Corral daemon at {self.url}: {e}") from None
+
+    async def json(self, method: str, path: str, **kw: Any) -> Any:
+        r = await self.request(method, path, **kw)
+        return r.json() if r.content else None
+
+    def ws_connect(self, path: str) -> Any:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self._uds:
+            return websockets.unix_connect(self._uds, "ws://corral" + m.API_PREFIX + path,
+                                           additional_headers=headers, max_size=16 << 20)
+        ws_url = self.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        return websockets.connect(ws_url + m.API_PREFIX + path, additional_headers=headers, max_size=16 << 20)
+
+
+_default: Client | None = None
+
+
+def default_client() -> Client:
+    global _default
+    if _default is None:
+        _default = Client()
+    return _default
+
+
+@dataclass
+class CommandResult:
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    pid: int = 0
+    signal: int | None = None
+    truncated_bytes: int = 0
+    duration_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass
+class FileInfo:
+    path: str
+    name: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    target: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _file_info(e: dict[str, Any]) -> FileInfo:
+    return FileInfo(path=e["path"], name=e["name"], type=e["type"], size=e["size"], mode=e["mode"],
+                    mtime=e["mtime"], target=e.get("target"), raw=e)
+
+
+async def _call(cb: Callback | None, data: str) -> None:
+    if cb is None:
+        return
+    r = cb(data)
+    if isinstance(r, Awaitable):
+        await r
+
+
+class AsyncCommandHandle:
+    """A running command: wait for it, send it input, or kill it."""
+
+    def __init__(self, sandbox: AsyncSandbox, pid: int, ws: Any = None):
+        self.sandbox = sandbox
+        self.pid = pid
+        self._ws = ws
+
+    async def wait(self, on_stdout: Callback | None = None, on_stderr: Callback | None = None) -> CommandResult:
+        ws = self._ws
+        if ws is None:
+            ws = await self.sandbox._client.ws_connect(f"/sandboxes/{self.sandbox.id}/processes/{self.pid}/ws")
+            await _expect_started(ws)
+        self._ws = None
+        return await _collect(ws, self.pid, on_stdout, on_stderr)
+
+    async def kill(self, signal: int = 9) -> None:
+        await self.sandbox._client.json("POST", f"/sandboxes/{self.sandbox.id}/processes/{self.pid}/signal",
+                                        json={"signal": signal})
+
+    async def send_stdin(self, data: str | bytes, eof: bool = False) -> None:
+        text = data.decode() if isinstance(data, bytes) else data
+        if self._ws is not None:
+            await self._ws.send(json.dumps({"type": "stdin", "data": base64.b64encode(text.encode()).decode()}))
+            if eof:
+                await self._ws.send(json.dumps({"type": "close_stdin"}))
+            return
+        await self.sandbox._client.json("POST", f"/sandboxes/{self.sandbox.id}/processes/{self.pid}/stdin",
+                                        json={"data": text, "eof": eof})
+
+
+async def _expect_started(ws: Any) -> int:
+    msg = json.loads(await ws.recv())
+    if msg.get("type") == "error":
+        raise errors.from_body(400, {"error": msg})
+    return int(msg["pid"])
+
+
+async def _collect(ws: Any, pid: int, on_stdout: Callback | None, on_stderr: Callback | None) -> CommandResult:
+    out: list[str] = []
+    err: list[str] = []
+    try:
+        async for raw in ws:
+            msg = json.loads(raw)
+            t = msg.get("type")
+            if t in ("stdout", "stderr"):
+                text = base64.b64decode(msg["data"]).decode(errors="replace")
+                (out if t == "stdout" else err).append(text)
+                await _call(on_stdout if t == "stdout" else on_stderr, text)
+            elif t == "exit":
+                res = CommandResult("".join(out), "".join(err), msg.get("exit_code"), pid, msg.get("signal"))
+                if msg.get("timed_out"):
+                    raise errors.CommandTimeoutError(f"command {pid} timed out and was killed",
+                                                     details={"stdout": res.stdout[-4096:], "stderr": res.stderr[-4096:]})
+                return res
+            elif t == "error":
+                raise errors.from_body(400, {"error": msg})
+    finally:
+        await ws.close()
+    raise errors.AgentError(f"the stream of command {pid} ended without an exit status")
+
+
+class AsyncCommands:
+    def __init__(self, sandbox: AsyncSandbox):
+        self._sb = sandbox
+
+    async def run(self, cmd: str | list[str], *, background: bool = False, env: dict[str, str] | None = None,
+                  cwd: str | None = None, user: str | None = None, timeout_s: float | None = 60,
+                  stdin: str | None = None, on_stdout: Callback | None = None,
+                  on_stderr: Callback | None = None, tag: str | None = None) -> Any:
+        """Run a command. A non-zero exit is a result (``exit_code``), not an exception.
+
+        With ``background=True`` returns an AsyncCommandHandle at once; with callbacks, output is
+        streamed to them as it comes. ``timeout_s=None`` waits forever.
+        """
+        body: dict[str, Any] = {"cmd": cmd} if isinstance(cmd, str) else {"argv": list(cmd)}
+        body.update(env=env or {}, cwd=cwd, user=user, timeout_s=timeout_s, stdin=stdin, tag=tag)
+        sb = self._sb
+        if background:
+            r = await sb._client.json("POST", f"/sandboxes/{sb.id}/exec", json={**body, "background": True})
+            return AsyncCommandHandle(sb, int(r["pid"]))
+        if on_stdout is None and on_stderr is None:
+            r = await sb._client.json("POST", f"/sandboxes/{sb.id}/exec", json=body)
+            res = CommandResult(r["stdout"], r["stderr"], r["exit_code"], r["pid"], r.get("signal"),
+                                r.get("truncated_bytes", 0), r.get("duration_ms", 0.0))
+            if r.get("timed_out"):
+                raise errors.CommandTimeoutError(f"command timed out after {timeout_s}s and was killed",
+                                                 details={"stdout": res.stdout[-4096:], "stderr": res.stderr[-4096:]})
+            return res
+        ws = await sb._client.ws_connect(f"/sandboxes/{sb.id}/exec/ws")
+        try:
+            await ws.send(json.dumps({k: v for k, v in body.items() if k != "stdin"} | {"stdin": stdin}))
+            pid = await _expect_started(ws)
+            await ws.send(json.dumps({"type": "close_stdin"}))
+        except BaseException:
+            await ws.close()
+            raise
+        return await _collect(ws, pid, on_stdout, on_stderr)
+
+    async def list(self) -> list[m.ProcessInfo]:
+        r = await self._sb._client.json("GET", f"/sandboxes/{self._sb.id}/processes")
+        return [m.ProcessInfo.model_validate(p) for p in r["processes"]]
+
+    async def kill(self, pid: int, signal: int = 9) -> None:
+        await AsyncCommandHandle(self._sb, pid).kill(signal)
+
+    async def connect(self, pid: int) -> AsyncCommandHandle:
+        return AsyncCommandHandle(self._sb, pid)
+
+    async def send_stdin(self, pid: int, data: str | bytes, eof: bool = False) -> None:
+        await AsyncCommandHandle(self._sb, pid).send_stdin(data, eof)
+
+
+class AsyncPtyHandle:
+    def __init__(self, ws: Any, pid: int):
+        self._ws = ws
+        self.pid = pid
+
+    async def send(self, data: str | bytes) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        await self._ws.send(json.dumps({"type": "stdin", "data": base64.b64encode(raw).decode()}))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._ws.send(json.dumps({"type": "resize", "rows": rows, "cols": cols}))
+
+    async def kill(self, signal: int = 9) -> None:
+        await self._ws.send(json.dumps({"type": "signal", "signal": signal}))
+
+    async def output(self) -> AsyncIterator[bytes]:
+        """Terminal output as it comes; ends when the process exits (see ``exit_code``)."""
+        self.exit_code: int | None = None
+        async for raw in self._ws:
+            msg = json.loads(raw)
+            if msg.get("type") in ("stdout", "stderr"):
+                yield base64.b64decode(msg["data"])
+            elif msg.get("type") == "exit":
+                self.exit_code = msg.get("exit_code")
+                break
+            elif msg.get("type") == "error":
+                raise errors.from_body(400, {"error": msg})
+
+    async def close(self) -> None:
+        await self._ws.close()
+
+
+class AsyncPty:
+    def __init__(self, sandbox: AsyncSandbox):
+        self._sb = sandbox
+
+    async def create(self, rows: int = 24, cols: int = 80, cmd: str | None = None,
+                     env: dict[str, str] | None = None, cwd: str | None = None) -> AsyncPtyHandle:
+        ws = await self._sb._client.ws_connect(f"/sandboxes/{self._sb.id}/exec/ws")
+        shell = cmd or "if [ -x /bin/bash ]; then exec /bin/bash -i; else exec /bin/sh -i; fi"
+        await ws.send(json.dumps({"cmd": shell, "env": env or {}, "cwd": cwd, "pty": {"rows": rows, "cols": cols}}))
+        pid = await _expect_started(ws)
+        return AsyncPtyHandle(ws, pid)
+
+
+class AsyncFiles:
+    def __init__(self, sandbox: AsyncSandbox):
+        self._sb = sandbox
+
+    def _p(self, suffix: str = "") -> str:
+        return f"/sandboxes/{self._sb.id}/files{suffix}"
+
+    async def read(self, path: str) -> bytes:
+        r = await self._sb._client.request("GET", self._p(), params={"path": path})
+        return r.content
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return (await self.read(path)).decode(encoding)
+
+    async def stream(self, path: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        async with self._sb._client.stream("GET", self._p(), params={"path": path}) as r:
+            async for chunk in r.aiter_bytes(chunk_size):
+                yield chunk
+
+    async def write(self, path: str, data: bytes | str | AsyncIterator[bytes], mode: int = 0o644) -> m.WriteResult:
+        content: Any = data.encode() if isinstance(data, str) else data
+        r = await self._sb._client.json("PUT", self._p(), params={"path": path, "mode": mode}, content=content)
+        return m.WriteResult.model_validate(r)
+
+    async def list(self, path: str, depth: int = 1) -> list[FileInfo]:
+        r = await self._sb._client.json("GET", self._p("/list"), params={"path": path, "depth": depth})
+        return [_file_info(e) for e in r["entries"]]
+
+    async def stat(self, path: str) -> FileInfo:
+        return _file_info(await self._sb._client.json("GET", self._p("/stat"), params={"path": path}))
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+            return True
+        except errors.FileNotFoundInSandboxError:
+            return False
+
+    async def mkdir(self, path: str, parents: bool = True) -> FileInfo:
+        return _file_info(await self._sb._client.json("POST", self._p("/mkdir"), json={"path": path, "parents": parents}))
+
+    async def remove(self, path: str, recursive: bool = True) -> None:
+        await self._sb._client.request("DELETE", self._p(), params={"path": path, "recursive": recursive})
+
+    async def rename(self, src: str, dst: str) -> FileInfo:
+        return _file_info(await self._sb._client.json("POST", self._p("/rename"), json={"src": src, "dst": dst}))
+
+
+class AsyncSandbox:
+    """A Corral sandbox. Create with ``await AsyncSandbox.create(...)``; ``async with`` kills it on exit."""
+
+    def __init__(self, info: m.SandboxInfo, client: Client):
+        self.info = info
+        self._client = client
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+        self.pty = AsyncPty(self)
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def __repr__(self) -> str:
+        return f"<AsyncSandbox {self.id} {self.info.status}>"
+
+    @classmethod
+    async def create(cls, template: str = "base", timeout_s: int | None = None, *, client: Client | None = None,
+                     **policy: Any) -> AsyncSandbox:
+        """Create and start a sandbox. ``policy`` takes the other SandboxPolicy fields
+        (resources, env, root, allow_weaker_isolation) and ``metadata``."""
+        c = client or default_client()
+        body = m.CreateSandboxRequest.model_validate({"template": template, "timeout_s": timeout_s, **policy})
+        r = await c.json("POST", "/sandboxes", json=body.model_dump(mode="json", exclude_unset=True))
+        return cls(m.SandboxInfo.model_validate(r), c)
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, client: Client | None = None) -> AsyncSandbox:
+        c = client or default_client()
+        return cls(m.SandboxInfo.model_validate(await c.json("GET", f"/sandboxes/{sandbox_id}")), c)
+
+    @classmethod
+    async def list(cls, *, client: Client | None = None) -> list[m.SandboxInfo]:
+        c = client or default_client()
+        return m.SandboxList.model_validate(await c.json("GET", "/sandboxes")).sandboxes
+
+    async def refresh(self) -> m.SandboxInfo:
+        self.info = m.SandboxInfo.model_validate(await self._client.json("GET", f"/sandboxes/{self.id}"))
+        return self.info
+
+    async def is_running(self) -> bool:
+        return (await self.refresh()).status == "running"
+
+    async def stop(self) -> m.SandboxInfo:
+        self.info = m.SandboxInfo.model_validate(await self._client.json("POST", f"/sandboxes/{self.id}/stop"))
+        return self.info
+
+    async def start(self) -> m.SandboxInfo:
+        self.info = m.SandboxInfo.model_validate(await self._client.json("POST", f"/sandboxes/{self.id}/start"))
+        return self.info
+
+    async def kill(self) -> None:
+        """Stop and delete the sandbox and its files."""
+        try:
+            await self._client.request("DELETE", f"/sandboxes/{self.id}")
+        except errors.SandboxNotFoundError:
+            pass
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+
+
+async def wait_ready(client: Client, timeout_s: float = 30.0) -> m.Health:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return m.Health.model_validate(await client.json("GET", "/health"))
+        except errors.DaemonUnreachableError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)

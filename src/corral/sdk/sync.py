@@ -1,0 +1,191 @@
+"""Synchronous facade over the async SDK: every call runs on one background event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+from corral.api import models as m
+from corral.sdk import client as c
+
+T = TypeVar("T")
+_loop: asyncio.AbstractEventLoop | None = None
+_lock = threading.Lock()
+
+
+def _get_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="corral-sdk", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run an SDK coroutine from synchronous code."""
+    return asyncio.run_coroutine_threadsafe(coro, _get_loop()).result()
+
+
+class CommandHandle:
+    def __init__(self, inner: c.AsyncCommandHandle):
+        self._h = inner
+        self.pid = inner.pid
+
+    def wait(self, on_stdout: c.Callback | None = None, on_stderr: c.Callback | None = None) -> c.CommandResult:
+        return run(self._h.wait(on_stdout, on_stderr))
+
+    def kill(self, signal: int = 9) -> None:
+        run(self._h.kill(signal))
+
+    def send_stdin(self, data: str | bytes, eof: bool = False) -> None:
+        run(self._h.send_stdin(data, eof))
+
+
+class Commands:
+    def __init__(self, inner: c.AsyncCommands):
+        self._c = inner
+
+    def run(self, cmd: str | list[str], **kw: Any) -> Any:
+        r = run(self._c.run(cmd, **kw))
+        return CommandHandle(r) if isinstance(r, c.AsyncCommandHandle) else r
+
+    def list(self) -> list[m.ProcessInfo]:
+        return run(self._c.list())
+
+    def kill(self, pid: int, signal: int = 9) -> None:
+        run(self._c.kill(pid, signal))
+
+    def connect(self, pid: int) -> CommandHandle:
+        return CommandHandle(run(self._c.connect(pid)))
+
+    def send_stdin(self, pid: int, data: str | bytes, eof: bool = False) -> None:
+        run(self._c.send_stdin(pid, data, eof))
+
+
+class PtyHandle:
+    def __init__(self, inner: c.AsyncPtyHandle):
+        self._h = inner
+        self.pid = inner.pid
+
+    def send(self, data: str | bytes) -> None:
+        run(self._h.send(data))
+
+    def resize(self, rows: int, cols: int) -> None:
+        run(self._h.resize(rows, cols))
+
+    def kill(self, signal: int = 9) -> None:
+        run(self._h.kill(signal))
+
+    def output(self) -> Iterator[bytes]:
+        agen = self._h.output()
+        while True:
+            try:
+                yield run(agen.__anext__())
+            except StopAsyncIteration:
+                return
+
+    @property
+    def exit_code(self) -> int | None:
+        return getattr(self._h, "exit_code", None)
+
+    def close(self) -> None:
+        run(self._h.close())
+
+
+class Pty:
+    def __init__(self, inner: c.AsyncPty):
+        self._p = inner
+
+    def create(self, rows: int = 24, cols: int = 80, cmd: str | None = None, **kw: Any) -> PtyHandle:
+        return PtyHandle(run(self._p.create(rows, cols, cmd, **kw)))
+
+
+class Files:
+    def __init__(self, inner: c.AsyncFiles):
+        self._f = inner
+
+    def read(self, path: str) -> bytes:
+        return run(self._f.read(path))
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return run(self._f.read_text(path, encoding))
+
+    def write(self, path: str, data: bytes | str, mode: int = 0o644) -> m.WriteResult:
+        return run(self._f.write(path, data, mode))
+
+    def list(self, path: str, depth: int = 1) -> list[c.FileInfo]:
+        return run(self._f.list(path, depth))
+
+    def stat(self, path: str) -> c.FileInfo:
+        return run(self._f.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return run(self._f.exists(path))
+
+    def mkdir(self, path: str, parents: bool = True) -> c.FileInfo:
+        return run(self._f.mkdir(path, parents))
+
+    def remove(self, path: str, recursive: bool = True) -> None:
+        run(self._f.remove(path, recursive))
+
+    def rename(self, src: str, dst: str) -> c.FileInfo:
+        return run(self._f.rename(src, dst))
+
+
+class Sandbox:
+    """A Corral sandbox (synchronous). ``with Sandbox.create(...) as sb:`` kills it on exit."""
+
+    def __init__(self, inner: c.AsyncSandbox):
+        self._sb = inner
+        self.commands = Commands(inner.commands)
+        self.files = Files(inner.files)
+        self.pty = Pty(inner.pty)
+
+    @property
+    def id(self) -> str:
+        return self._sb.id
+
+    @property
+    def info(self) -> m.SandboxInfo:
+        return self._sb.info
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id} {self.info.status}>"
+
+    @classmethod
+    def create(cls, template: str = "base", timeout_s: int | None = None, *, client: c.Client | None = None,
+               **policy: Any) -> Sandbox:
+        return cls(run(c.AsyncSandbox.create(template, timeout_s, client=client, **policy)))
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, client: c.Client | None = None) -> Sandbox:
+        return cls(run(c.AsyncSandbox.connect(sandbox_id, client=client)))
+
+    @classmethod
+    def list(cls, *, client: c.Client | None = None) -> list[m.SandboxInfo]:
+        return run(c.AsyncSandbox.list(client=client))
+
+    def refresh(self) -> m.SandboxInfo:
+        return run(self._sb.refresh())
+
+    def is_running(self) -> bool:
+        return run(self._sb.is_running())
+
+    def stop(self) -> m.SandboxInfo:
+        return run(self._sb.stop())
+
+    def start(self) -> m.SandboxInfo:
+        return run(self._sb.start())
+
+    def kill(self) -> None:
+        run(self._sb.kill())
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
