@@ -21,6 +21,12 @@ class DaemonSettings:
     log_level: str = "info"
     extra: dict[str, str] = field(default_factory=dict)
 
+    template_dir_override: Path | None = None
+
+    @property
+    def template_dir(self) -> Path:
+        return self.template_dir_override or self.data_dir / "templates"
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "corral.db"
@@ -59,6 +65,8 @@ class DaemonSettings:
             values["run_dir"] = Path(env["CORRAL_RUN_DIR"])
         if "CORRAL_PORT" in env:
             values["port"] = int(env["CORRAL_PORT"])
+        if "CORRAL_TEMPLATE_DIR" in env:
+            values["template_dir_override"] = Path(env["CORRAL_TEMPLATE_DIR"])
         if "CORRAL_HOST" in env:
             values["host"] = env["CORRAL_HOST"]
         for k, v in overrides.items():
