@@ -132,10 +132,23 @@ def make_daemon(tmp: Path) -> Daemon:
     return d
 
 
+def traversable_tmp() -> Path:
+    """A temp dir that sandbox uids can traverse (pytest's tmp_path parents are 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix="corral-test-"))
+    os.chmod(tmp, 0o711)
+    return tmp
+
+
+@pytest.fixture
+def spare_tmp() -> Iterator[Path]:
+    tmp = traversable_tmp()
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[Daemon]:
-    tmp = Path(tempfile.mkdtemp(prefix="corral-test-"))
-    os.chmod(tmp, 0o711)  # sandbox root (an unprivileged host uid) must traverse to its rootfs
+    tmp = traversable_tmp()
     d = make_daemon(tmp)
     old = {k: os.environ.get(k) for k in ("CORRAL_URL", "CORRAL_API_KEY")}
     os.environ["CORRAL_URL"], os.environ["CORRAL_API_KEY"] = d.url, d.api_key

@@ -218,7 +218,8 @@ class Service:
         t0 = time.perf_counter()
         agent = self.agent(sandbox_id)
         if req.background:
-            r = await agent.request({**self._exec_req(req), "op": "exec", "stdin": req.stdin is not None})
+            # Background commands keep stdin open so callers can feed it later (send_stdin).
+            r = await agent.request({**self._exec_req(req), "op": "exec", "stdin": True})
             if req.stdin is not None:
                 await agent.send_stdin(int(r["pid"]), req.stdin.encode(), eof=True)
             return m.ExecResult(pid=int(r["pid"]), background=True, duration_ms=(time.perf_counter() - t0) * 1000)

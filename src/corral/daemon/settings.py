@@ -65,6 +65,8 @@ class DaemonSettings:
             values["run_dir"] = Path(env["CORRAL_RUN_DIR"])
         if "CORRAL_PORT" in env:
             values["port"] = int(env["CORRAL_PORT"])
+        if "CORRAL_MAX_UPLOAD_BYTES" in env:
+            values["max_upload_bytes"] = int(env["CORRAL_MAX_UPLOAD_BYTES"])
         if "CORRAL_TEMPLATE_DIR" in env:
             values["template_dir_override"] = Path(env["CORRAL_TEMPLATE_DIR"])
         if "CORRAL_HOST" in env:

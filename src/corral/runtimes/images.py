@@ -6,6 +6,7 @@ interrupted build never leaves a half layer that looks usable.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -79,6 +80,17 @@ class TemplateStore:
             progress(f"template {name} already built")
             return existing
         self.root.mkdir(parents=True, exist_ok=True)
+        # Several daemons may share a template directory: one builds, the others wait for it.
+        with open(self.root / f".lock-{name}", "w") as lock:
+            if not _try_lock(lock.fileno()):
+                progress(f"waiting for another build of template {name}")
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                existing = self.get(name)
+                if existing and not force:
+                    return existing
+            return self._build_locked(name, progress)
+
+    def _build_locked(self, name: str, progress: Progress) -> TemplateInfo:
         tmp = self.root / f".build-{name}-{os.getpid()}-{time.monotonic_ns()}"
         rootfs = tmp / "rootfs"
         rootfs.mkdir(parents=True)
@@ -122,6 +134,14 @@ class TemplateStore:
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(d.name)
         return removed
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _build_busybox(rootfs: Path, progress: Progress) -> None:

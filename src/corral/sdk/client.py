@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,14 +102,16 @@ class Client:
         return websockets.connect(ws_url + m.API_PREFIX + path, additional_headers=headers, max_size=16 << 20)
 
 
-_default: Client | None = None
+_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Client] = weakref.WeakKeyDictionary()
 
 
 def default_client() -> Client:
-    global _default
-    if _default is None:
-        _default = Client()
-    return _default
+    """One shared client per event loop (an httpx client cannot cross loops)."""
+    loop = asyncio.get_running_loop()
+    client = _defaults.get(loop)
+    if client is None:
+        client = _defaults[loop] = Client()
+    return client
 
 
 @dataclass
