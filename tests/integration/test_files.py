@@ -124,6 +124,7 @@ def test_upload_over_the_limit_while_streaming_leaves_no_partial_file(spare_tmp)
             assert s.commands.run("ls -a /tmp").stdout.split() == [".", ".."]
             s.files.write("/tmp/ok", b"y" * 1000)
             assert s.files.read("/tmp/ok") == b"y" * 1000
+        run(client.close())
     finally:
         d.cleanup()
 

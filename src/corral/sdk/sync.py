@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -23,6 +25,19 @@ def _get_loop() -> asyncio.AbstractEventLoop:
             threading.Thread(target=loop.run_forever, name="corral-sdk", daemon=True).start()
             _loop = loop
         return _loop
+
+
+def _close_at_exit() -> None:
+    loop = _loop
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+    client = c._defaults.get(loop)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(client.close(), loop).result(5)
+
+
+atexit.register(_close_at_exit)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
