@@ -142,12 +142,32 @@ class OciRuntime:
         if is_mountpoint(rootfs):
             _umount(rootfs)
         if policy.root == "host":
-            _mount("/", rootfs, None, MS_BIND, None)
-            _mount("none", rootfs, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+            self._host_rootfs(rootfs)
         else:
             opts = f"lowerdir={template_rootfs},upperdir={d / 'upper'},workdir={d / 'work'}"
             _mount("overlay", rootfs, "overlay", MS_NOSUID | MS_NODEV, opts)
         return rootfs
+
+    @staticmethod
+    def _host_rootfs(rootfs: str) -> None:
+        """A tmpfs root holding read-only binds of the host's top-level directories.
+
+        Nothing is created on the host: mountpoints for /proc, /workspace, /.corral... live in the tmpfs.
+        """
+        _mount("tmpfs", rootfs, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        fresh = {"proc", "sys", "dev", "run", "tmp", "workspace", ".corral", "lost+found"}
+        for ent in os.scandir("/"):
+            dst = os.path.join(rootfs, ent.name)
+            if ent.name in fresh:
+                continue
+            if ent.is_symlink():
+                os.symlink(os.readlink(ent.path), dst)
+            elif ent.is_dir(follow_symlinks=False):
+                os.mkdir(dst)
+                _mount(ent.path, dst, None, MS_BIND, None)
+                _mount("none", dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        for d in ("proc", "sys", "dev", "run", "tmp", "workspace", ".corral/rt", ".corral/agent"):
+            os.makedirs(os.path.join(rootfs, d), exist_ok=True)
 
     async def start(self, sandbox_id: str, policy: SandboxPolicy, template_rootfs: str) -> None:
         if not self.binary:
