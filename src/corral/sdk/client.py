@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydantic
 import websockets
 
 from corral import errors
@@ -383,7 +384,13 @@ class AsyncSandbox:
         """Create and start a sandbox. ``policy`` takes the other SandboxPolicy fields
         (resources, env, root, allow_weaker_isolation) and ``metadata``."""
         c = client or default_client()
-        body = m.CreateSandboxRequest.model_validate({"template": template, "timeout_s": timeout_s, **policy})
+        try:
+            body = m.CreateSandboxRequest.model_validate({"template": template, "timeout_s": timeout_s, **policy})
+        except pydantic.ValidationError as e:
+            first = e.errors()[0]
+            raise errors.InvalidRequestError(
+                f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}", details={"problems": len(e.errors())}
+            ) from None
         r = await c.json("POST", "/sandboxes", json=body.model_dump(mode="json", exclude_unset=True))
         return cls(m.SandboxInfo.model_validate(r), c)
 
