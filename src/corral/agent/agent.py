@@ -6,24 +6,26 @@ that can be listed and re-attached) and serves the files API. It reaps every zom
 It holds no secret and no privilege beyond the sandbox's own: the daemon treats everything it says
 as untrusted. It listens on a socket the daemon created on the host and passed in as fd 3; that
 socket's path is not mounted in the sandbox, so no process inside can reach the daemon through it.
+
+Threads, not asyncio: importing asyncio costs ~30 ms, which is most of a sandbox's start-up. One
+thread accepts, one serves each connection, one reads each output stream, one reaps children.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import errno
 import fcntl
 import os
-import pty
+import queue
 import shutil
 import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import termios
+import threading
 import time
 from typing import Any
 
@@ -33,7 +35,15 @@ import protocol as P  # noqa: E402  (the agent ships as loose files, not as a pa
 LISTEN_FD = 3
 REPLAY_BYTES = 4 << 20  # per stream, for re-attaching to a background process
 DRAIN_AFTER_EXIT_S = 0.2  # a command's orphaned children may keep its pipes open
+KEEP_FINISHED = 256
 _AGENT_ENV_DROP = ("PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "CORRAL_SANDBOX_ID")
+LOCK = threading.Lock()  # guards every Proc and the process table
+
+
+def _import_subprocess() -> Any:
+    import subprocess  # ~10 ms: imported in the background at start-up, see main()
+
+    return subprocess
 
 
 class OpError(Exception):
@@ -61,6 +71,34 @@ def check_path(path: Any) -> str:
         raise OpError("InvalidPath", str(e)) from None
 
 
+class Conn:
+    """One daemon connection: blocking frame I/O on a socket."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.wlock = threading.Lock()
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("peer closed")
+            buf += chunk
+        return bytes(buf)
+
+    def read_frame(self) -> tuple[bytes, bytes]:
+        kind, length = P.parse_header(self.recv_exact(P.HEADER.size))
+        return kind, (self.recv_exact(length) if length else b"")
+
+    def send(self, data: bytes) -> None:
+        with self.wlock:
+            self.sock.sendall(data)
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        self.send(P.encode_json(obj))
+
+
 class Proc:
     def __init__(self, pid: int, argv: list[str], tag: str | None, pty_fd: int | None):
         self.pid = pid
@@ -74,8 +112,7 @@ class Proc:
         self.open_streams = 0
         self.status: int | None = None
         self.exit_event: dict[str, Any] | None = None
-        self.finished = asyncio.Event()
-        self.subscribers: set[asyncio.Queue[tuple[bytes, bytes]]] = set()
+        self.subscribers: set[queue.SimpleQueue[tuple[bytes, bytes] | None]] = set()
         self.timed_out = False
 
     def info(self) -> dict[str, Any]:
@@ -83,7 +120,7 @@ class Proc:
                 "running": self.exit_event is None, "pty": self.pty_fd is not None,
                 "exit_code": None if self.exit_event is None else self.exit_event["exit_code"]}
 
-    def feed(self, kind: bytes, data: bytes) -> None:
+    def feed(self, kind: bytes, data: bytes) -> None:  # with LOCK held
         buf = self.out[kind]
         buf += data
         if len(buf) > REPLAY_BYTES:
@@ -91,37 +128,55 @@ class Proc:
             del buf[:cut]
             self.dropped[kind] += cut
         for q in self.subscribers:
-            q.put_nowait((kind, data))
+            q.put((kind, data))
 
 
 class Agent:
     def __init__(self) -> None:
         self.procs: dict[int, Proc] = {}
+        self.early_exits: dict[int, int] = {}  # reaped before spawn() registered them
+        self.children = threading.Event()
         self.env = {k: v for k, v in os.environ.items() if k not in _AGENT_ENV_DROP}
         self.shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 
     # ---- process management -------------------------------------------------------------
-    def reap(self) -> None:
+    def reaper(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            proc = self.procs.get(pid)
-            if proc is not None and proc.status is None:
-                proc.status = status
-                asyncio.get_running_loop().create_task(self._finish(proc))
+                self.children.wait()
+                self.children.clear()
+                continue
+            except InterruptedError:
+                continue
+            with LOCK:
+                proc = self.procs.get(pid)
+                if proc is None:
+                    self.early_exits[pid] = status
+                    if len(self.early_exits) > 4096:  # orphans nobody will ask about
+                        self.early_exits.pop(next(iter(self.early_exits)))
+                    continue
+                self._exited(proc, status)
 
-    async def _finish(self, proc: Proc) -> None:
-        deadline = time.monotonic() + DRAIN_AFTER_EXIT_S
-        while proc.open_streams > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        loop = asyncio.get_running_loop()
-        if proc.open_streams > 0:
-            for fd in list(getattr(proc, "_fds", ())):
-                self._close_stream(proc, fd, loop)
+    def _exited(self, proc: Proc, status: int) -> None:  # with LOCK held
+        if proc.status is not None:
+            return
+        proc.status = status
+        if proc.open_streams == 0:
+            self._finish(proc)
+        else:
+            t = threading.Timer(DRAIN_AFTER_EXIT_S, self._drain_timeout, (proc,))
+            t.daemon = True
+            t.start()
+
+    def _drain_timeout(self, proc: Proc) -> None:
+        with LOCK:
+            self._finish(proc)
+
+    def _finish(self, proc: Proc) -> None:  # with LOCK held
+        if proc.exit_event is not None:
+            return
         status = proc.status or 0
         if os.WIFSIGNALED(status):
             code, sig = 128 + os.WTERMSIG(status), os.WTERMSIG(status)
@@ -129,47 +184,32 @@ class Agent:
             code, sig = os.WEXITSTATUS(status), None
         proc.exit_event = {"event": "exit", "exit_code": code, "signal": sig, "timed_out": proc.timed_out,
                            "dropped_stdout": proc.dropped[P.STDOUT], "dropped_stderr": proc.dropped[P.STDERR]}
-        if proc.stdin_fd is not None:
+        if proc.stdin_fd is not None and proc.stdin_fd != proc.pty_fd:
             _close_quietly(proc.stdin_fd)
-            proc.stdin_fd = None
+        proc.stdin_fd = None
+        if proc.pty_fd is not None:
+            _close_quietly(proc.pty_fd)
         for q in proc.subscribers:
-            q.put_nowait((P.JSON, b""))
-        proc.finished.set()
-        # Keep finished processes listable for a while; drop the oldest beyond 256.
+            q.put(None)
         done = [p for p in self.procs.values() if p.exit_event is not None]
-        for old in sorted(done, key=lambda p: p.started)[:-256]:
+        for old in sorted(done, key=lambda p: p.started)[:-KEEP_FINISHED]:
             self.procs.pop(old.pid, None)
 
-    def _close_stream(self, proc: Proc, fd: int, loop: asyncio.AbstractEventLoop) -> None:
-        fds = getattr(proc, "_fds", set())
-        if fd in fds:
-            fds.discard(fd)
-            loop.remove_reader(fd)
-            if fd != proc.pty_fd:
-                _close_quietly(fd)
-            proc.open_streams -= 1
-
-    def _watch(self, proc: Proc, fd: int, kind: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        os.set_blocking(fd, False)
-        proc.open_streams += 1
-        fds: set[int] = getattr(proc, "_fds", set())
-        fds.add(fd)
-        proc._fds = fds  # type: ignore[attr-defined]
-
-        def readable() -> None:
+    def _read_stream(self, proc: Proc, fd: int, kind: bytes) -> None:
+        while True:
             try:
                 data = os.read(fd, P.CHUNK)
-            except BlockingIOError:
-                return
             except OSError:  # EIO: the PTY's other side closed
                 data = b""
-            if data:
-                proc.feed(kind, data)
-            else:
-                self._close_stream(proc, fd, loop)
-
-        loop.add_reader(fd, readable)
+            with LOCK:
+                if data:
+                    proc.feed(kind, data)
+                    continue
+                proc.open_streams -= 1
+                if proc.status is not None and proc.open_streams == 0:
+                    self._finish(proc)
+            _close_quietly(fd)
+            return
 
     def resolve_user(self, user: Any) -> tuple[int, int, str]:
         if user is None or user == "" or user == "root" or user == 0:
@@ -204,48 +244,62 @@ class Agent:
         if not os.path.isdir(cwd):
             raise OpError("InvalidRequest", f"working directory {cwd!r} does not exist")
         term = req.get("pty")
-        pty_fd = None
-        kwargs: dict[str, Any] = {"cwd": cwd, "env": env, "start_new_session": True, "close_fds": True,
-                                  "restore_signals": True}
+        subprocess = _import_subprocess()
+        kwargs: dict[str, Any] = {"cwd": cwd, "env": env, "close_fds": True, "restore_signals": True}
         if uid != 0 or gid != 0:
             kwargs.update(user=uid, group=gid, extra_groups=[])
-
+        pty_fd = None
         try:
             if term:
+                import pty
+
                 pty_fd, slave = pty.openpty()
                 _set_winsize(pty_fd, int(term.get("rows", 24)), int(term.get("cols", 80)))
                 env.setdefault("TERM", "xterm-256color")
-                popen = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                                         preexec_fn=_make_ctty, **{k: v for k, v in kwargs.items()
-                                                                  if k != "start_new_session"})
+                popen = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=_make_ctty,
+                                         **kwargs)
                 os.close(slave)
             else:
                 popen = subprocess.Popen(argv, stdin=subprocess.PIPE if req.get("stdin") else subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                         **kwargs)
         except FileNotFoundError:
+            if pty_fd is not None:
+                _close_quietly(pty_fd)
             raise OpError("InvalidRequest", f"command not found: {argv[0]}") from None
         except PermissionError as e:
+            if pty_fd is not None:
+                _close_quietly(pty_fd)
             raise OpError("InvalidRequest", f"cannot execute {argv[0]}: {e.strerror}") from None
         # The agent reaps with waitpid(-1); keep subprocess from reaping behind our back.
         popen.returncode = 0
+        self.children.set()
         proc = Proc(popen.pid, argv, req.get("tag"), pty_fd)
-        self.procs[proc.pid] = proc
+        streams: list[tuple[int, bytes]] = []
         if pty_fd is not None:
             proc.stdin_fd = pty_fd
-            self._watch(proc, pty_fd, P.STDOUT)
+            streams.append((os.dup(pty_fd), P.STDOUT))
         else:
             assert popen.stdout is not None and popen.stderr is not None
             if popen.stdin is not None:
                 proc.stdin_fd = os.dup(popen.stdin.fileno())
                 popen.stdin.close()
-                os.set_blocking(proc.stdin_fd, True)
-            self._watch(proc, os.dup(popen.stdout.fileno()), P.STDOUT)
-            self._watch(proc, os.dup(popen.stderr.fileno()), P.STDERR)
+            streams += [(os.dup(popen.stdout.fileno()), P.STDOUT), (os.dup(popen.stderr.fileno()), P.STDERR)]
             popen.stdout.close()
             popen.stderr.close()
+        proc.open_streams = len(streams)
+        with LOCK:
+            self.procs[proc.pid] = proc
+            early = self.early_exits.pop(proc.pid, None)
+            if early is not None:
+                self._exited(proc, early)
+        for fd, kind in streams:
+            threading.Thread(target=self._read_stream, args=(proc, fd, kind), daemon=True).start()
         timeout = req.get("timeout_s")
         if timeout:
-            asyncio.get_running_loop().call_later(float(timeout), self._timeout, proc)
+            t = threading.Timer(float(timeout), self._timeout, (proc,))
+            t.daemon = True
+            t.start()
         return proc
 
     def _timeout(self, proc: Proc) -> None:
@@ -273,9 +327,10 @@ class Agent:
         return proc
 
     # ---- connections ---------------------------------------------------------------------
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def handle(self, sock: socket.socket) -> None:
+        conn = Conn(sock)
         try:
-            kind, payload = await read_frame(reader)
+            kind, payload = conn.read_frame()
             if kind != P.JSON:
                 raise OpError("InvalidRequest", "the first frame must be a JSON request")
             req = P.decode_json(payload)
@@ -283,117 +338,122 @@ class Agent:
             handler = getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
             if handler is None:
                 raise OpError("InvalidRequest", f"unknown op {op!r}")
-            await handler(req, reader, writer)
+            handler(req, conn)
         except OpError as e:
-            await _send(writer, P.encode_json({"ok": False, "code": e.code, "message": e.message}))
-        except (asyncio.IncompleteReadError, ConnectionError, P.ProtocolError):
+            _quietly(conn.send_json, {"ok": False, "code": e.code, "message": e.message})
+        except (ConnectionError, P.ProtocolError, OSError):
             pass
         except Exception as e:  # the agent must survive any bad request
-            try:
-                await _send(writer, P.encode_json({"ok": False, "code": "AgentError", "message": repr(e)[:500]}))
-            except Exception:
-                pass
+            _quietly(conn.send_json, {"ok": False, "code": "AgentError", "message": repr(e)[:500]})
         finally:
-            try:
-                writer.close()
-            except Exception:
-                pass
+            _quietly(sock.close)
 
-    async def op_ping(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
-        await _send(writer, P.encode_json({"ok": True, "version": P.VERSION, "pid": os.getpid(),
-                                           "processes": len(self.procs)}))
+    def op_ping(self, req: dict[str, Any], conn: Conn) -> None:
+        conn.send_json({"ok": True, "version": P.VERSION, "pid": os.getpid(), "processes": len(self.procs)})
 
-    async def op_exec(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def op_exec(self, req: dict[str, Any], conn: Conn) -> None:
         proc = self.spawn(req)
-        await _send(writer, P.encode_json({"ok": True, "pid": proc.pid}))
+        conn.send_json({"ok": True, "pid": proc.pid})
         if req.get("background") and not req.get("stream"):
             return
-        await self._stream(proc, reader, writer, replay=False)
+        # Replay: output produced between spawn and subscription is already in the buffer.
+        self._stream(proc, conn, replay=True)
 
-    async def op_attach(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def op_attach(self, req: dict[str, Any], conn: Conn) -> None:
         proc = self.get(req.get("pid"))
-        await _send(writer, P.encode_json({"ok": True, "pid": proc.pid}))
-        await self._stream(proc, reader, writer, replay=bool(req.get("replay", True)))
+        conn.send_json({"ok": True, "pid": proc.pid})
+        self._stream(proc, conn, replay=bool(req.get("replay", True)))
 
-    async def _stream(self, proc: Proc, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      replay: bool) -> None:
-        q: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
-        if replay:
-            for kind in (P.STDOUT, P.STDERR):
-                data = bytes(proc.out[kind])
-                for i in range(0, len(data), P.CHUNK):
-                    writer.write(P.encode(kind, data[i:i + P.CHUNK]))
-        if proc.exit_event is None:
-            proc.subscribers.add(q)
-        input_task = asyncio.get_running_loop().create_task(self._client_input(proc, reader))
+    def _stream(self, proc: Proc, conn: Conn, replay: bool) -> None:
+        q: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
+        with LOCK:
+            backlog = [(k, bytes(proc.out[k])) for k in (P.STDOUT, P.STDERR)] if replay else []
+            if proc.exit_event is None:
+                proc.subscribers.add(q)
+            else:
+                q.put(None)
+        reader = threading.Thread(target=self._client_input, args=(proc, conn), daemon=True)
+        reader.start()
         try:
-            while proc.exit_event is None or not q.empty():
-                kind, data = await q.get()
-                if kind == P.JSON:
+            for kind, data in backlog:
+                for i in range(0, len(data), P.CHUNK):
+                    conn.send(P.encode(kind, data[i:i + P.CHUNK]))
+            while True:
+                item = q.get()
+                if item is None:
                     break
-                writer.write(P.encode(kind, data))
-                if writer.transport.get_write_buffer_size() > 1 << 20:
-                    await writer.drain()
-            writer.write(P.encode_json(proc.exit_event or {}))
-            await writer.drain()
+                conn.send(P.encode(*item))
+            conn.send_json(proc.exit_event or {})
+            # Let the daemon close first: closing with its late input (close_stdin, a signal) still
+            # unread would reset the connection and could lose the exit event we just sent.
+            conn.sock.shutdown(socket.SHUT_WR)
+            reader.join(timeout=10)
         finally:
-            proc.subscribers.discard(q)
-            input_task.cancel()
+            with LOCK:
+                proc.subscribers.discard(q)
 
-    async def _client_input(self, proc: Proc, reader: asyncio.StreamReader) -> None:
+    def _client_input(self, proc: Proc, conn: Conn) -> None:
         """Stdin bytes and control messages sent by the daemon while a command runs."""
-        while True:
-            kind, payload = await read_frame(reader)
-            if kind == P.STDIN:
-                self._write_stdin(proc, payload)
-            elif kind == P.JSON:
-                self._control(proc, P.decode_json(payload))
+        try:
+            while True:
+                kind, payload = conn.read_frame()
+                if kind == P.STDIN:
+                    self._write_stdin(proc, payload)
+                elif kind == P.JSON:
+                    self._control(proc, P.decode_json(payload))
+        except (ConnectionError, OSError, P.ProtocolError):
+            return
 
     def _control(self, proc: Proc, msg: dict[str, Any]) -> None:
         op = msg.get("op")
         if op == "close_stdin":
-            if proc.stdin_fd is not None and proc.pty_fd is None:
-                _close_quietly(proc.stdin_fd)
-                proc.stdin_fd = None
+            with LOCK:
+                fd, proc.stdin_fd = (proc.stdin_fd, None) if proc.pty_fd is None else (None, proc.stdin_fd)
+            if fd is not None:
+                _close_quietly(fd)
         elif op == "signal":
             self.signal(proc, int(msg.get("signal", signal.SIGTERM)))
-        elif op == "resize" and proc.pty_fd is not None:
+        elif op == "resize" and proc.pty_fd is not None and proc.exit_event is None:
             _set_winsize(proc.pty_fd, int(msg.get("rows", 24)), int(msg.get("cols", 80)))
             try:
-                os.killpg(proc.pid, signal.SIGWINCH)
+                os.killpg(os.getpgid(proc.pid), signal.SIGWINCH)
             except OSError:
                 pass
 
     def _write_stdin(self, proc: Proc, data: bytes) -> None:
-        if proc.stdin_fd is None:
+        fd = proc.stdin_fd
+        if fd is None:
             return
         try:
-            os.write(proc.stdin_fd, data) if proc.pty_fd is None else _write_all_nonblocking(proc.stdin_fd, data)
-        except BrokenPipeError:
+            mv = memoryview(data)
+            while mv:
+                mv = mv[os.write(fd, mv):]
+        except OSError:  # the reader went away
             pass
 
-    async def op_processes(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
-        await _send(writer, P.encode_json({"ok": True, "processes": [p.info() for p in self.procs.values()]}))
+    def op_processes(self, req: dict[str, Any], conn: Conn) -> None:
+        with LOCK:
+            procs = [p.info() for p in self.procs.values()]
+        conn.send_json({"ok": True, "processes": procs})
 
-    async def op_signal(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
-        proc = self.get(req.get("pid"))
-        self.signal(proc, int(req.get("signal", signal.SIGKILL)))
-        await _send(writer, P.encode_json({"ok": True}))
+    def op_signal(self, req: dict[str, Any], conn: Conn) -> None:
+        self.signal(self.get(req.get("pid")), int(req.get("signal", signal.SIGKILL)))
+        conn.send_json({"ok": True})
 
-    async def op_stdin(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
+    def op_stdin(self, req: dict[str, Any], conn: Conn) -> None:
         proc = self.get(req.get("pid"))
         if req.get("data"):
             self._write_stdin(proc, base64.b64decode(req["data"]))
         if req.get("eof"):
             self._control(proc, {"op": "close_stdin"})
-        await _send(writer, P.encode_json({"ok": True}))
+        conn.send_json({"ok": True})
 
-    async def op_resize(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
+    def op_resize(self, req: dict[str, Any], conn: Conn) -> None:
         self._control(self.get(req.get("pid")), {"op": "resize", "rows": req.get("rows"), "cols": req.get("cols")})
-        await _send(writer, P.encode_json({"ok": True}))
+        conn.send_json({"ok": True})
 
     # ---- files -------------------------------------------------------------------------
-    async def op_read(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
+    def op_read(self, req: dict[str, Any], conn: Conn) -> None:
         path = check_path(req.get("path"))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -406,19 +466,18 @@ class Agent:
             limit = req.get("max_bytes")
             if isinstance(limit, int) and st.st_size > limit:
                 raise OpError("PayloadTooLarge", f"{path!r} is {st.st_size} bytes, over the limit of {limit}")
-            await _send(writer, P.encode_json({"ok": True, "size": st.st_size}))
+            conn.send_json({"ok": True, "size": st.st_size})
             os.set_blocking(fd, True)
             while True:
                 chunk = os.read(fd, P.CHUNK)
                 if not chunk:
                     break
-                writer.write(P.encode(P.DATA, chunk))
-                await writer.drain()
-            await _send(writer, P.encode_json({"event": "eof"}))
+                conn.send(P.encode(P.DATA, chunk))
+            conn.send_json({"event": "eof"})
         finally:
             os.close(fd)
 
-    async def op_write(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def op_write(self, req: dict[str, Any], conn: Conn) -> None:
         path = check_path(req.get("path"))
         parent, name = os.path.split(path.rstrip("/"))
         if not name:
@@ -437,14 +496,13 @@ class Agent:
             raise _oserror(e, path) from None
         size = 0
         try:
-            await _send(writer, P.encode_json({"ok": True}))
+            conn.send_json({"ok": True})
             while True:
-                kind, payload = await read_frame(reader)
+                kind, payload = conn.read_frame()
                 if kind == P.DATA:
                     mv = memoryview(payload)
                     while mv:
-                        n = os.write(fd, mv)
-                        mv = mv[n:]
+                        mv = mv[os.write(fd, mv):]
                     size += len(payload)
                 elif kind == P.JSON and P.decode_json(payload).get("op") == "end":
                     break
@@ -454,7 +512,7 @@ class Agent:
             os.fsync(fd)
             os.close(fd)
             fd = -1
-            os.rename(tmp, path)
+            os.rename(tmp, path)  # atomic: readers see the old file or the whole new one
             dfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
@@ -468,19 +526,19 @@ class Agent:
             except OSError:
                 pass
             raise
-        await _send(writer, P.encode_json({"ok": True, "size": size, "path": path}))
+        conn.send_json({"ok": True, "size": size, "path": path})
 
-    async def op_list(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
+    def op_list(self, req: dict[str, Any], conn: Conn) -> None:
         path = check_path(req.get("path"))
         depth = max(1, min(int(req.get("depth", 1)), 16))
         out: list[dict[str, Any]] = []
 
         def walk(d: str, level: int) -> None:
             try:
-                it = sorted(os.scandir(d), key=lambda e: e.name)
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
             except OSError as e:
                 raise _oserror(e, d) from None
-            for ent in it:
+            for ent in entries:
                 info = _entry(ent.path)
                 out.append(info)
                 if info["type"] == "dir" and level < depth:
@@ -493,17 +551,17 @@ class Agent:
                 raise OpError("FileConflict", f"{path!r} is not a directory")
             raise OpError("FileNotFound", f"no such directory {path!r}")
         walk(path, 1)
-        await _send(writer, P.encode_json({"ok": True, "entries": out}))
+        conn.send_json({"ok": True, "entries": out})
 
-    async def op_stat(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
+    def op_stat(self, req: dict[str, Any], conn: Conn) -> None:
         path = check_path(req.get("path"))
         try:
             info = _entry(path)
         except OSError as e:
             raise _oserror(e, path) from None
-        await _send(writer, P.encode_json({"ok": True, "entry": info}))
+        conn.send_json({"ok": True, "entry": info})
 
-    async def op_mkdir(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
+    def op_mkdir(self, req: dict[str, Any], conn: Conn) -> None:
         path = check_path(req.get("path"))
         try:
             if req.get("parents", True):
@@ -512,9 +570,9 @@ class Agent:
                 os.mkdir(path)
         except OSError as e:
             raise _oserror(e, path) from None
-        await _send(writer, P.encode_json({"ok": True, "entry": _entry(path)}))
+        conn.send_json({"ok": True, "entry": _entry(path)})
 
-    async def op_remove(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
+    def op_remove(self, req: dict[str, Any], conn: Conn) -> None:
         path = check_path(req.get("path"))
         if path == "/":
             raise OpError("InvalidPath", "refusing to remove '/'")
@@ -529,15 +587,15 @@ class Agent:
                 os.unlink(path)
         except OSError as e:
             raise _oserror(e, path) from None
-        await _send(writer, P.encode_json({"ok": True}))
+        conn.send_json({"ok": True})
 
-    async def op_rename(self, req: dict[str, Any], reader: Any, writer: asyncio.StreamWriter) -> None:
+    def op_rename(self, req: dict[str, Any], conn: Conn) -> None:
         src, dst = check_path(req.get("src")), check_path(req.get("dst"))
         try:
             os.rename(src, dst)
         except OSError as e:
             raise _oserror(e, src) from None
-        await _send(writer, P.encode_json({"ok": True, "entry": _entry(dst)}))
+        conn.send_json({"ok": True, "entry": _entry(dst)})
 
 
 def _entry(path: str) -> dict[str, Any]:
@@ -553,14 +611,11 @@ def _entry(path: str) -> dict[str, Any]:
     return info
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    kind, length = P.parse_header(await reader.readexactly(P.HEADER.size))
-    return kind, (await reader.readexactly(length) if length else b"")
-
-
-async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
-    writer.write(data)
-    await writer.drain()
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        pass
 
 
 def _close_quietly(fd: int) -> None:
@@ -568,16 +623,6 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-def _write_all_nonblocking(fd: int, data: bytes) -> None:
-    mv = memoryview(data)
-    while mv:
-        try:
-            n = os.write(fd, mv)
-            mv = mv[n:]
-        except BlockingIOError:
-            time.sleep(0.001)
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -604,20 +649,22 @@ def _harden() -> None:
     os.close(devnull)
 
 
-async def main() -> None:
-    agent = Agent()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGCHLD, agent.reap)
+def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, lambda: None)  # PID 1 stops only when the runtime kills it
+        signal.signal(sig, lambda *_: None)  # PID 1 stops only when the runtime kills it
+    agent = Agent()
     sock = socket.socket(fileno=LISTEN_FD)
-    sock.setblocking(False)
-    server = await asyncio.start_unix_server(agent.handle, sock=sock, limit=P.MAX_FRAME + 64)
+    sock.setblocking(True)
+    threading.Thread(target=agent.reaper, name="reaper", daemon=True).start()
+    threading.Thread(target=_import_subprocess, name="warmup", daemon=True).start()
     _harden()
-    agent.reap()
-    async with server:
-        await server.serve_forever()
+    while True:
+        try:
+            client, _ = sock.accept()
+        except OSError:
+            continue
+        threading.Thread(target=agent.handle, args=(client,), daemon=True).start()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

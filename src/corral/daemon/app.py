@@ -291,24 +291,32 @@ async def attach_ws(ws: WebSocket, sandbox_id: str, pid: int) -> None:
     await _pump(ws, conn, pid)
 
 
+async def _forward_client(ws: WebSocket, conn: Any) -> None:
+    """Stdin and control messages from the WebSocket client to the agent."""
+    while True:
+        try:
+            msg = m.WsClientMessage.model_validate(await ws.receive_json())
+        except (ValidationError, ValueError):
+            await ws.send_json({"type": "error", "code": "InvalidRequest", "message": "bad client message"})
+            continue
+        if msg.type == "stdin":
+            await conn.send(P.STDIN, base64.b64decode(msg.data or ""))
+        elif msg.type == "close_stdin":
+            await conn.send_json({"op": "close_stdin"})
+        elif msg.type == "signal":
+            await conn.send_json({"op": "signal", "signal": msg.signal or 15})
+        elif msg.type == "resize":
+            await conn.send_json({"op": "resize", "rows": msg.rows or 24, "cols": msg.cols or 80})
+
+
 async def _pump(ws: WebSocket, conn: Any, pid: int) -> None:
     await ws.send_json({"type": "started", "pid": pid})
 
     async def from_client() -> None:
-        while True:
-            try:
-                msg = m.WsClientMessage.model_validate(await ws.receive_json())
-            except (ValidationError, ValueError):
-                await ws.send_json({"type": "error", "code": "InvalidRequest", "message": "bad client message"})
-                continue
-            if msg.type == "stdin":
-                await conn.send(P.STDIN, base64.b64decode(msg.data or ""))
-            elif msg.type == "close_stdin":
-                await conn.send_json({"op": "close_stdin"})
-            elif msg.type == "signal":
-                await conn.send_json({"op": "signal", "signal": msg.signal or 15})
-            elif msg.type == "resize":
-                await conn.send_json({"op": "resize", "rows": msg.rows or 24, "cols": msg.cols or 80})
+        try:
+            await _forward_client(ws, conn)
+        except (OSError, ConnectionError):
+            pass  # the command ended and the agent closed its side; its exit event is still read
 
     reader = asyncio.create_task(from_client())
     try:
