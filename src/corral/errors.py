@@ -157,6 +157,12 @@ def _all_subclasses(cls: type[CorralError]) -> list[type[CorralError]]:
 
 
 ERRORS_BY_CODE: dict[str, type[CorralError]] = {c.code: c for c in _all_subclasses(CorralError)}
+# For codes this SDK does not know (a newer daemon): the most general class of that status.
+_BY_STATUS: dict[int, type[CorralError]] = {
+    400: InvalidRequestError, 401: AuthenticationError, 404: NotFoundError, 408: CommandTimeoutError,
+    409: ConflictError, 413: PayloadTooLargeError, 500: InternalError, 502: AgentError,
+    503: RuntimeUnavailableError,
+}
 
 
 def from_body(status: int, body: Any) -> CorralError:
@@ -164,5 +170,9 @@ def from_body(status: int, body: Any) -> CorralError:
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         return InternalError(f"daemon answered HTTP {status} with an unexpected body: {str(body)[:200]}")
-    cls = ERRORS_BY_CODE.get(str(err.get("code")), CorralError)
-    return cls(str(err.get("message", "")), hint=err.get("hint"), details=err.get("details") or {})
+    cls = ERRORS_BY_CODE.get(str(err.get("code"))) or _BY_STATUS.get(status) or (
+        InternalError if status >= 500 else InvalidRequestError if status >= 400 else CorralError)
+    hint = err.get("hint")
+    details = err.get("details")
+    return cls(str(err.get("message", "")), hint=hint if isinstance(hint, str) else None,
+               details=details if isinstance(details, dict) else {})

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from corral import Sandbox, SandboxNotFoundError
 from tests.conftest import Daemon, free_port, traversable_tmp
+
+from corral import PolicyRejectedError, Sandbox, SandboxNotFoundError
 
 
 def test_stop_start_keeps_the_filesystem_and_ends_processes(daemon, busybox):
@@ -66,7 +66,9 @@ def test_wall_clock_timeout_stops_the_sandbox(daemon, busybox):
 
 
 def test_host_root_mode_is_read_only_with_a_writable_workspace(daemon, busybox):
-    with Sandbox.create(template=busybox, root="host") as sb:
+    with pytest.raises(PolicyRejectedError, match="allow_weaker_isolation"):
+        Sandbox.create(template=busybox, root="host")
+    with Sandbox.create(template=busybox, root="host", allow_weaker_isolation=True) as sb:
         assert "root=host" in sb.info.weakenings[0]
         r = sb.commands.run("touch /etc/corral-x; echo $?; touch /usr/corral-x 2>&1")
         assert "Read-only file system" in r.stdout and not Path("/etc/corral-x").exists()

@@ -8,7 +8,7 @@ as untrusted. It listens on a socket the daemon created on the host and passed i
 socket's path is not mounted in the sandbox, so no process inside can reach the daemon through it.
 
 Threads, not asyncio: importing asyncio costs ~30 ms, which is most of a sandbox's start-up. One
-thread accepts, one serves each connection, one reads each output stream, one reaps children.
+thread accepts, one serves each connection, one reads every output stream (epoll), one reaps children.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import queue
+import select
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import protocol as P  # noqa: E402  (the agent ships as loose files, not as a package)
+import protocol as P
 
 LISTEN_FD = 3
 REPLAY_BYTES = 4 << 20  # per stream, for re-attaching to a background process
@@ -136,6 +137,8 @@ class Agent:
         self.procs: dict[int, Proc] = {}
         self.early_exits: dict[int, int] = {}  # reaped before spawn() registered them
         self.children = threading.Event()
+        self.epoll = select.epoll()
+        self.streams: dict[int, tuple[Proc, bytes]] = {}
         self.env = {k: v for k, v in os.environ.items() if k not in _AGENT_ENV_DROP}
         self.shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 
@@ -195,21 +198,35 @@ class Agent:
         for old in sorted(done, key=lambda p: p.started)[:-KEEP_FINISHED]:
             self.procs.pop(old.pid, None)
 
-    def _read_stream(self, proc: Proc, fd: int, kind: bytes) -> None:
+    def io_loop(self) -> None:
+        """One thread reads every command's output (epoll), feeding buffers and subscribers."""
         while True:
             try:
-                data = os.read(fd, P.CHUNK)
-            except OSError:  # EIO: the PTY's other side closed
-                data = b""
-            with LOCK:
-                if data:
-                    proc.feed(kind, data)
+                events = self.epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, _mask in events:
+                with LOCK:
+                    entry = self.streams.get(fd)
+                if entry is None:
                     continue
-                proc.open_streams -= 1
-                if proc.status is not None and proc.open_streams == 0:
-                    self._finish(proc)
-            _close_quietly(fd)
-            return
+                proc, kind = entry
+                try:
+                    data = os.read(fd, P.CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError:  # EIO: the PTY's other side closed
+                    data = b""
+                with LOCK:
+                    if data:
+                        proc.feed(kind, data)
+                        continue
+                    self.streams.pop(fd, None)
+                    proc.open_streams -= 1
+                    if proc.status is not None and proc.open_streams == 0:
+                        self._finish(proc)
+                self.epoll.unregister(fd)
+                _close_quietly(fd)
 
     def resolve_user(self, user: Any) -> tuple[int, int, str]:
         if user is None or user == "" or user == "root" or user == 0:
@@ -294,7 +311,10 @@ class Agent:
             if early is not None:
                 self._exited(proc, early)
         for fd, kind in streams:
-            threading.Thread(target=self._read_stream, args=(proc, fd, kind), daemon=True).start()
+            os.set_blocking(fd, False)
+            with LOCK:
+                self.streams[fd] = (proc, kind)
+            self.epoll.register(fd, select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR)
         timeout = req.get("timeout_s")
         if timeout:
             t = threading.Timer(float(timeout), self._timeout, (proc,))
@@ -656,6 +676,7 @@ def main() -> None:
     sock = socket.socket(fileno=LISTEN_FD)
     sock.setblocking(True)
     threading.Thread(target=agent.reaper, name="reaper", daemon=True).start()
+    threading.Thread(target=agent.io_loop, name="io", daemon=True).start()
     threading.Thread(target=_import_subprocess, name="warmup", daemon=True).start()
     _harden()
     while True:

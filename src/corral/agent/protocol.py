@@ -51,8 +51,8 @@ def parse_header(header: bytes) -> tuple[bytes, int]:
 def decode_json(payload: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
-    except ValueError as e:
-        raise ProtocolError(f"bad JSON frame: {e}") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: hostile, deeply nested JSON
+        raise ProtocolError(f"bad JSON frame: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("JSON frame is not an object")
     return obj

@@ -209,7 +209,7 @@ class ErrorBody(_Model):
 
 
 def check_sandbox_id(value: str) -> str:
-    if not SANDBOX_ID.match(value):
+    if not SANDBOX_ID.fullmatch(value):
         from corral.errors import SandboxNotFoundError
 
         raise SandboxNotFoundError(f"{value!r} is not a sandbox id (they look like sb-0123456789ab)")

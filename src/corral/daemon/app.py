@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +27,7 @@ from corral.runtimes import probe as host_probe
 
 log = logging.getLogger("corral.api")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"model": m.ErrorBody} for s in (400, 401, 404, 408, 409, 413, 503)
+    s: {"model": m.ErrorBody} for s in (400, 401, 404, 408, 409, 413, 500, 502, 503)
 }
 
 
@@ -70,7 +71,7 @@ async def create_sandbox(body: m.CreateSandboxRequest, request: Request,
 
 @router.get("/sandboxes", response_model=m.SandboxList, name="sandbox.list")
 async def list_sandboxes(request: Request) -> m.SandboxList:
-    return _svc(request).list()
+    return _svc(request).list_sandboxes()
 
 
 @router.get("/sandboxes/{sandbox_id}", response_model=m.SandboxInfo, name="sandbox.get")
@@ -244,7 +245,7 @@ ws_router = APIRouter(prefix=m.API_PREFIX)
 
 async def _ws_auth(ws: WebSocket) -> Principal | None:
     try:
-        principal = ws.app.state.keyring.authenticate(ws.headers.get("authorization"))
+        principal: Principal = ws.app.state.keyring.authenticate(ws.headers.get("authorization"))
     except errors.AuthenticationError as e:
         await ws.close(code=4401, reason=e.message[:120])
         return None
@@ -388,6 +389,7 @@ class AuditMiddleware:
 # ---- app -----------------------------------------------------------------------------------------
 def create_app(service: Service | None = None, keyring: KeyRing | None = None, lifespan: Any = None) -> FastAPI:
     app = FastAPI(title="Corral", version=__version__, lifespan=lifespan,
+                  generate_unique_id_function=lambda route: route.name,
                   description="Self-hosted, secure, persistent sandboxes for AI coding agents. "
                               "Every request needs 'Authorization: Bearer <key>'.")
     app.state.service = service
@@ -410,4 +412,18 @@ def create_app(service: Service | None = None, keyring: KeyRing | None = None, l
         return JSONResponse(err.to_body(), status_code=400)
 
     app.add_middleware(AuditMiddleware)
+
+    def openapi() -> dict[str, Any]:
+        # Validation errors answer 400 with ErrorBody (see validation_error), never FastAPI's 422.
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -16,6 +16,7 @@ from corral.api import models as m
 from corral.audit import chain
 from corral.daemon.settings import DaemonSettings
 from corral.daemon.store import SandboxRecord, Store
+from corral.policy.compile import require_consent
 from corral.policy.spec import SandboxPolicy
 from corral.runtimes import images
 from corral.runtimes.agentclient import AgentClient, AgentConnection
@@ -77,14 +78,14 @@ class Service:
     def info(self, rec: SandboxRecord, timing: m.Timing | None = None) -> m.SandboxInfo:
         policy = SandboxPolicy.model_validate(rec.policy)
         return m.SandboxInfo(
-            id=rec.id, template=rec.template, desired=rec.desired, status=rec.status,  # type: ignore[arg-type]
+            id=rec.id, template=rec.template, desired=rec.desired, status=rec.status,
             reason=rec.reason, message=rec.message, created_at=rec.created_at, started_at=rec.started_at,
             stopped_at=rec.stopped_at, timeout_at=rec.timeout_at, policy=policy, weakenings=policy.weakenings(),
             metadata=rec.metadata, timing=timing)
 
     # ---- templates ---------------------------------------------------------------------------
     def list_templates(self) -> m.TemplateList:
-        built = {t.name: t for t in self.templates.list()}
+        built = {t.name: t for t in self.templates.list_built()}
         out = []
         for name in sorted(set(images.BUILTIN_TEMPLATES) | set(built)):
             t = built.get(name)
@@ -120,6 +121,7 @@ class Service:
                      progress: Callable[[str], None] | None = None) -> m.SandboxInfo:
         t0 = time.perf_counter()
         policy = SandboxPolicy.model_validate(req.model_dump(exclude={"metadata"}))
+        require_consent(policy)
         tpl = await self.ensure_template(policy.template, progress)
         t_tpl = time.perf_counter()
         now = time.time()
@@ -165,7 +167,7 @@ class Service:
     def get(self, sandbox_id: str) -> m.SandboxInfo:
         return self.info(self._record(sandbox_id))
 
-    def list(self) -> m.SandboxList:
+    def list_sandboxes(self) -> m.SandboxList:
         return m.SandboxList(sandboxes=[self.info(r) for r in self.records.values() if r.deleted_at is None])
 
     async def stop(self, sandbox_id: str, reason: str = "Stopped", message: str = "",
@@ -290,7 +292,7 @@ class Service:
         report: dict[str, list[str]] = {"adopted": [], "marked_stopped": [], "orphans_removed": [],
                                         "partial_templates_removed": []}
         report["partial_templates_removed"] = self.templates.cleanup_partial()
-        live = {c.sandbox_id: c for c in await self.runtime.list()}
+        live = {c.sandbox_id: c for c in await self.runtime.list_containers()}
         for rec in list(self.records.values()):
             c = live.get(rec.id)
             if rec.status in ("running", "creating"):

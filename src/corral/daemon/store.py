@@ -57,6 +57,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
             BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
     ]),
+    (2, "audit: refuse INSERT OR REPLACE over an existing record", [
+        """CREATE TRIGGER audit_no_replace BEFORE INSERT ON audit
+            WHEN NEW.seq <= (SELECT COALESCE(MAX(seq), 0) FROM audit)
+            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    ]),
 ]
 
 metadata = MetaData()
@@ -125,6 +130,7 @@ class Store:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=5000")
+        cur.execute("PRAGMA recursive_triggers=ON")  # REPLACE then fires the DELETE trigger too
         cur.close()
 
     @contextmanager
@@ -153,7 +159,8 @@ class Store:
 
     def schema_version(self) -> int:
         with self._tx() as c:
-            return int(c.execute(select(schema_version.c.version).order_by(schema_version.c.version.desc())).scalar_one())
+            return int(c.execute(select(schema_version.c.version).order_by(schema_version.c.version.desc()).limit(1))
+                       .scalar_one())
 
     def table_columns(self, table: str) -> list[str]:
         with self._tx() as c:

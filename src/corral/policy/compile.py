@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from corral.errors import PolicyRejectedError
 from corral.policy import defaults
 from corral.policy.spec import SandboxPolicy
 
@@ -43,8 +44,10 @@ def seccomp_profile() -> dict[str, Any]:
         names = [n for n, e, _ in defaults.DENIED_SYSCALLS if e == errno]
         syscalls.append({"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno})
     for req, _reason in defaults.DENIED_IOCTLS:
+        # The kernel reads ioctl's cmd as 32 bits: compare only those, or TIOCSTI | 1<<32 gets past
+        # the rule and still works (CVE-2019-10063).
         syscalls.append({"names": ["ioctl"], "action": "SCMP_ACT_ERRNO", "errnoRet": defaults.EPERM,
-                         "args": [{"index": 1, "value": req, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]})
+                         "args": [{"index": 1, "value": 0xFFFFFFFF, "valueTwo": req, "op": "SCMP_CMP_MASKED_EQ"}]})
     # One rule per namespace flag: MASKED_EQ(flag, flag) matches when that bit is set.
     flag = 1
     while flag <= defaults.CLONE_NAMESPACE_FLAGS:
@@ -61,9 +64,12 @@ def seccomp_profile() -> dict[str, Any]:
     syscalls.append({"names": ["socket", "socketpair"], "action": "SCMP_ACT_ERRNO", "errnoRet": 97,
                      "args": [{"index": 0, "value": 46, "valueTwo": 0, "op": "SCMP_CMP_GE"}]})
     # SOCK_RAW / SOCK_PACKET (type & 0xf in {3, 10}) for inet families: no raw packets (E9).
-    for sock_type in (3, 10):
-        syscalls.append({"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": defaults.EPERM,
-                         "args": [{"index": 1, "value": 0xF, "valueTwo": sock_type, "op": "SCMP_CMP_MASKED_EQ"}]})
+    # Raw AF_NETLINK stays allowed: getifaddrs() and iproute2 need it, and it is netns-scoped.
+    for family in (2, 10):  # AF_INET, AF_INET6
+        for sock_type in (3, 10):
+            syscalls.append({"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": defaults.EPERM,
+                             "args": [{"index": 0, "value": family, "valueTwo": 0, "op": "SCMP_CMP_EQ"},
+                                      {"index": 1, "value": 0xF, "valueTwo": sock_type, "op": "SCMP_CMP_MASKED_EQ"}]})
     return {
         "defaultAction": "SCMP_ACT_ALLOW",
         # Only the native ABI: i386 (int 0x80) and x32 syscalls are killed by libseccomp's
@@ -77,11 +83,22 @@ def _bind(dst: str, src: str, *opts: str) -> dict[str, Any]:
     return {"destination": dst, "type": "bind", "source": src, "options": ["rbind", *opts]}
 
 
+def require_consent(policy: SandboxPolicy) -> None:
+    """Fail closed: a policy weaker than the default needs allow_weaker_isolation spelled out."""
+    weak = policy.weakenings()
+    if weak and not policy.allow_weaker_isolation:
+        raise PolicyRejectedError(f"this sandbox would be weaker than the default ({'; '.join(weak)})",
+                                  hint="pass allow_weaker_isolation=true to accept it, or drop the option")
+
+
 def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
                 nofile: int = defaults.NOFILE) -> OciPlan:
+    require_consent(policy)
     res = policy.resources
     env = {"PATH": defaults.PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "xterm"}
     env.update(policy.env)
+    # The agent's own variables win (it strips them from commands' environments).
+    env.update({"PYTHONHOME": f"{AGENT_DIR}/rt", "PYTHONDONTWRITEBYTECODE": "1", "CORRAL_SANDBOX_ID": sandbox_id})
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -120,8 +137,7 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
             "args": agent_argv(),
-            "env": [f"{k}={v}" for k, v in env.items()]
-            + [f"PYTHONHOME={AGENT_DIR}/rt", "PYTHONDONTWRITEBYTECODE=1", f"CORRAL_SANDBOX_ID={sandbox_id}"],
+            "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/",
             "noNewPrivileges": True,
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")} | {"inheritable": [], "ambient": []},

@@ -16,7 +16,9 @@ CORE_SIZE = 0  # no core dumps: they could carry secrets out of the process
 UID_BASE = 100000
 UID_COUNT = 65536
 
+# The sandbox's own name (UTS namespace): never the host's, which would leak it.
 HOSTNAME = "sandbox"
+# Debian's default search path; the template's tools live here.
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Capabilities granted inside the sandbox's user namespace only (they mean nothing on the host).
@@ -35,11 +37,13 @@ CAPABILITIES = (
     "CAP_AUDIT_WRITE",
 )
 
+# Kernel interfaces that leak host state or addresses (C21): hidden behind an empty mount.
 MASKED_PATHS = (
     "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
     "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/proc/kallsyms",
     "/sys/firmware", "/sys/kernel/debug", "/sys/devices/virtual/powercap",
 )
+# Kernel tunables and triggers that would reach beyond the sandbox if written (C5, C6).
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 # Syscalls denied by the default seccomp profile: (name, errno, reason). Everything else is allowed

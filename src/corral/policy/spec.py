@@ -18,7 +18,8 @@ class ResourcePolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cpu_cores: float = Field(defaults.CPU_CORES, gt=0, le=256)
+    # The kernel's smallest CFS quota is 1 ms per 100 ms period.
+    cpu_cores: float = Field(defaults.CPU_CORES, ge=0.01, le=256)
     memory_mib: int = Field(defaults.MEMORY_MIB, ge=16, le=1024 * 1024)
     pids_max: int = Field(defaults.PIDS_MAX, ge=8, le=1_000_000)
 
@@ -31,7 +32,7 @@ class SandboxPolicy(BaseModel):
     template: str = "base"
     root: Literal["template", "host"] = "template"
     timeout_s: int | None = Field(None, ge=1, le=365 * 86400)
-    resources: ResourcePolicy = ResourcePolicy()
+    resources: ResourcePolicy = Field(default_factory=lambda: ResourcePolicy())
     env: dict[str, str] = Field(default_factory=dict)
     network: Literal["none"] = "none"
     allow_weaker_isolation: bool = False
@@ -39,7 +40,7 @@ class SandboxPolicy(BaseModel):
     @field_validator("template")
     @classmethod
     def _template_name(cls, v: str) -> str:
-        if not _TEMPLATE_NAME.match(v):
+        if not _TEMPLATE_NAME.fullmatch(v):
             raise ValueError("template names are 1-63 chars of a-z, 0-9, '.', '_' and '-'")
         return v
 
@@ -47,7 +48,7 @@ class SandboxPolicy(BaseModel):
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
         for k, val in v.items():
-            if not _ENV_NAME.match(k):
+            if not _ENV_NAME.fullmatch(k):
                 raise ValueError(f"invalid environment variable name {k!r}")
             if "\x00" in val:
                 raise ValueError(f"environment variable {k} contains a NUL byte")

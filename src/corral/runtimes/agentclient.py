@@ -77,7 +77,7 @@ class AgentClient:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(self.socket_path, limit=P.MAX_FRAME + 64), timeout_s)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise errors.SandboxNotRunningError(f"sandbox {self.sandbox_id} is not answering ({e})") from None
         return AgentConnection(reader, writer)
 
@@ -86,7 +86,7 @@ class AgentClient:
         try:
             await conn.send_json(req)
             return await asyncio.wait_for(conn.reply(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise errors.AgentError(f"the agent did not answer {req.get('op')} in {timeout_s}s") from None
         finally:
             conn.close()

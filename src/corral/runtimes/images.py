@@ -63,7 +63,7 @@ class TemplateStore:
             return None
         return TemplateInfo(**data)
 
-    def list(self) -> list[TemplateInfo]:
+    def list_built(self) -> list[TemplateInfo]:
         out = []
         if self.root.is_dir():
             for d in sorted(self.root.iterdir()):
@@ -310,6 +310,6 @@ def ensure_agent_runtime(data_dir: Path) -> Path:
 
 
 def validate_template_name(name: str) -> str:
-    if not re.match(r"^[a-z0-9][a-z0-9._-]{0,62}$", name):
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
         raise InvalidRequestError(f"invalid template name {name!r}")
     return name

@@ -18,7 +18,6 @@ import os
 import resource
 import shutil
 import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,7 +252,7 @@ class OciRuntime:
             return None
         return RunningInfo(sandbox_id, str(data.get("status")), data.get("pid"))
 
-    async def list(self) -> list[RunningInfo]:
+    async def list_containers(self) -> list[RunningInfo]:
         rc, out = await self._run("list", "--format", "json")
         if rc != 0:
             return []

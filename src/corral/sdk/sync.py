@@ -97,9 +97,13 @@ class PtyHandle:
 
     def output(self) -> Iterator[bytes]:
         agen = self._h.output()
+
+        async def step() -> bytes:
+            return await agen.__anext__()
+
         while True:
             try:
-                yield run(agen.__anext__())
+                yield run(step())
             except StopAsyncIteration:
                 return
 
