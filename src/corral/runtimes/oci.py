@@ -83,6 +83,9 @@ def enter_private_mount_namespace() -> bool:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if is_mountpoint("/sys/fs/cgroup/unified"):
         _umount("/sys/fs/cgroup/unified")
+        # crun still writes a cgroup.procs file under unified/<path>; give it a private tmpfs, so
+        # nothing lands in the host's /sys/fs/cgroup tmpfs (it vanishes with this namespace).
+        _mount("corral-unified", "/sys/fs/cgroup/unified", "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=755")
         return True
     return False
 
@@ -298,6 +301,9 @@ class OciRuntime:
 
     def remove_cgroups(self, sandbox_id: str) -> None:
         for p in self.cgroup_dirs(sandbox_id):
+            if p.parts[-3] == "unified":  # the daemon's private tmpfs stand-in, see above
+                shutil.rmtree(p, ignore_errors=True)
+                continue
             for child in sorted(p.rglob("*"), key=lambda x: -len(x.parts)):
                 if child.is_dir():
                     try:
