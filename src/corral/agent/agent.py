@@ -13,13 +13,11 @@ thread accepts, one serves each connection, one reads every output stream (epoll
 
 from __future__ import annotations
 
-import base64
+import binascii
 import errno
 import fcntl
 import os
-import queue
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -28,10 +26,12 @@ import sys
 import termios
 import threading
 import time
-from typing import Any
+from _queue import SimpleQueue  # the C queue: `import queue` pulls in more modules
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import protocol as P
+import protocol as P  # the agent ships as loose files, not as a package
+
+Any = object  # annotations only (postponed): importing typing costs ~2 ms of every sandbox start
 
 LISTEN_FD = 3
 REPLAY_BYTES = 4 << 20  # per stream, for re-attaching to a background process
@@ -39,6 +39,7 @@ DRAIN_AFTER_EXIT_S = 0.2  # a command's orphaned children may keep its pipes ope
 KEEP_FINISHED = 256
 _AGENT_ENV_DROP = ("PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "CORRAL_SANDBOX_ID")
 LOCK = threading.Lock()  # guards every Proc and the process table
+HARDENED = threading.Event()
 
 
 def _import_subprocess() -> Any:
@@ -113,7 +114,7 @@ class Proc:
         self.open_streams = 0
         self.status: int | None = None
         self.exit_event: dict[str, Any] | None = None
-        self.subscribers: set[queue.SimpleQueue[tuple[bytes, bytes] | None]] = set()
+        self.subscribers: set[SimpleQueue[tuple[bytes, bytes] | None]] = set()
         self.timed_out = False
 
     def info(self) -> dict[str, Any]:
@@ -261,6 +262,7 @@ class Agent:
         if not os.path.isdir(cwd):
             raise OpError("InvalidRequest", f"working directory {cwd!r} does not exist")
         term = req.get("pty")
+        HARDENED.wait()  # no untrusted process may exist before the agent is non-dumpable
         subprocess = _import_subprocess()
         kwargs: dict[str, Any] = {"cwd": cwd, "env": env, "close_fds": True, "restore_signals": True}
         if uid != 0 or gid != 0:
@@ -385,7 +387,7 @@ class Agent:
         self._stream(proc, conn, replay=bool(req.get("replay", True)))
 
     def _stream(self, proc: Proc, conn: Conn, replay: bool) -> None:
-        q: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
+        q: SimpleQueue[tuple[bytes, bytes] | None] = SimpleQueue()
         with LOCK:
             backlog = [(k, bytes(proc.out[k])) for k in (P.STDOUT, P.STDERR)] if replay else []
             if proc.exit_event is None:
@@ -463,7 +465,7 @@ class Agent:
     def op_stdin(self, req: dict[str, Any], conn: Conn) -> None:
         proc = self.get(req.get("pid"))
         if req.get("data"):
-            self._write_stdin(proc, base64.b64decode(req["data"]))
+            self._write_stdin(proc, binascii.a2b_base64(req["data"]))
         if req.get("eof"):
             self._control(proc, {"op": "close_stdin"})
         conn.send_json({"ok": True})
@@ -600,6 +602,8 @@ class Agent:
             st = os.lstat(path)
             if stat.S_ISDIR(st.st_mode):
                 if req.get("recursive", True):
+                    import shutil
+
                     shutil.rmtree(path)  # does not follow symlinks
                 else:
                     os.rmdir(path)
@@ -655,18 +659,23 @@ def _make_ctty() -> None:
 
 
 def _harden() -> None:
+    """Off the start-up path (ctypes costs ~3 ms); spawn() waits for it."""
     # Not dumpable: other processes in the sandbox (same uid) cannot open /proc/1/fd/*,
     # /proc/1/environ or /proc/1/mem.
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+        if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 4
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
     except Exception as e:
-        print(f"corral-agent: cannot clear dumpable: {e}", file=sys.stderr)
+        print(f"corral-agent: cannot clear dumpable, refusing to run commands: {e}", file=sys.stderr)
+        os._exit(1)  # fail closed: the daemon sees the sandbox die
     devnull = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+    _import_subprocess()
+    HARDENED.set()
 
 
 def main() -> None:
@@ -677,8 +686,7 @@ def main() -> None:
     sock.setblocking(True)
     threading.Thread(target=agent.reaper, name="reaper", daemon=True).start()
     threading.Thread(target=agent.io_loop, name="io", daemon=True).start()
-    threading.Thread(target=_import_subprocess, name="warmup", daemon=True).start()
-    _harden()
+    threading.Thread(target=_harden, name="harden", daemon=True).start()
     while True:
         try:
             client, _ = sock.accept()
