@@ -72,3 +72,15 @@ def test_wrong_key_and_no_key(daemon):
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}):
         r = httpx.get(daemon.url + "/v1/health", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "Unauthenticated"
+
+
+def test_openapi_is_served_behind_the_key_and_unknown_routes_use_the_error_format(daemon):
+    import httpx
+
+    assert httpx.get(daemon.url + "/v1/openapi.json").status_code == 401
+    assert httpx.get(daemon.url + "/docs").status_code in (401, 404)
+    with daemon.http() as h:
+        doc = h.get("/openapi.json").json()
+        assert doc["info"]["title"] == "Corral" and "/v1/sandboxes" in doc["paths"]
+        r = h.get("/no-such-route")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "NotFound"

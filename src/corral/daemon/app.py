@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral import __version__, errors
@@ -51,6 +52,11 @@ async def health(request: Request) -> m.Health:
     svc = _svc(request)
     return m.Health(ok=True, version=__version__, sandboxes_running=svc.running_count(),
                     schema_version=svc.store.schema_version())
+
+
+@router.get("/openapi.json", include_in_schema=False, name="openapi")
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
 
 
 @router.get("/host", response_model=m.HostReport, name="host.probe")
@@ -388,7 +394,9 @@ class AuditMiddleware:
 
 # ---- app -----------------------------------------------------------------------------------------
 def create_app(service: Service | None = None, keyring: KeyRing | None = None, lifespan: Any = None) -> FastAPI:
-    app = FastAPI(title="Corral", version=__version__, lifespan=lifespan,
+    # The OpenAPI document is served at /v1/openapi.json behind the API key like everything else.
+    app = FastAPI(title="Corral", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None,
                   generate_unique_id_function=lambda route: route.name,
                   description="Self-hosted, secure, persistent sandboxes for AI coding agents. "
                               "Every request needs 'Authorization: Bearer <key>'.")
@@ -401,6 +409,14 @@ def create_app(service: Service | None = None, keyring: KeyRing | None = None, l
     async def corral_error(request: Request, exc: errors.CorralError) -> JSONResponse:
         request.state.audit_error = exc.code
         return JSONResponse(exc.to_body(), status_code=exc.http_status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cls = {404: errors.NotFoundError, 405: errors.InvalidRequestError}.get(exc.status_code, errors.InvalidRequestError)
+        err = cls(f"{request.method} {request.url.path}: {exc.detail}",
+                  hint="see /v1/openapi.json for the routes this daemon serves")
+        request.state.audit_error = err.code
+        return JSONResponse(err.to_body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
