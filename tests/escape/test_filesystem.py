@@ -253,16 +253,6 @@ def test_tmp_and_shm_are_per_sandbox(shared_sb, neighbour):
     assert n.stdout.count("No such file or directory") == 3 and n.stdout.endswith("rc=1\n"), n.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: GET /v1/sandboxes/{id}/files sends Content-Length taken from the agent's fstat size "
-    "(src/corral/daemon/app.py read_file; the size comes from AgentClient.open_read in "
-    "src/corral/runtimes/agentclient.py), then streams every byte the agent sends until EOF. For a file "
-    "whose size is not its length (procfs says 0) or that grows while it is read, the client silently "
-    "gets a truncated body (here b''), the daemon logs h11 'Too much data for declared Content-Length', "
-    "and the kept-alive connection is left broken, so the client's next request on it can fail with a "
-    "raw httpx.ReadError (the SDK maps only ConnectError/RemoteProtocolError). The size is reported by "
-    "the untrusted side. Fix: stream without Content-Length (chunked) and cap the total at "
-    "max_upload_bytes in the daemon, or make the agent send exactly the size it announced."))
 def test_download_of_a_file_whose_size_lies_is_clean(shared_sb, daemon):
     with daemon.http() as h:  # its own connection, so a broken one cannot leak into other tests
         r = h.get(f"/sandboxes/{shared_sb.id}/files", params={"path": "/proc/self/status"})

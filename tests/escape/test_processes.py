@@ -121,6 +121,7 @@ def test_ptrace_and_cross_process_memory_are_denied(shared_sb, host_canary):
             agent_root=oserr(os.listdir, "/proc/1/root/"),
             agent_cwd=oserr(os.readlink, "/proc/1/cwd"),
             agent_exe=oserr(os.readlink, "/proc/1/exe"),
+            agent_exe_write=oserr(os.open, "/proc/1/exe", os.O_WRONLY),  # CVE-2019-5736 style
         )
         os.kill(child, 9)
         os.waitpid(child, 0)
@@ -129,7 +130,7 @@ def test_ptrace_and_cross_process_memory_are_denied(shared_sb, host_canary):
     eperm = ("attach_host", "seize_host", "attach_agent", "attach_own_child", "vm_readv_host", "vm_readv_agent",
              "vm_writev_agent", "pidfd_getfd_agent_listener", "kcmp_agent")
     eacces = ("agent_mem", "agent_environ", "agent_maps", "agent_fd3", "agent_fd3_link", "agent_root",
-              "agent_cwd", "agent_exe")
+              "agent_cwd", "agent_exe", "agent_exe_write")
     assert r == {"res": {**dict.fromkeys(eperm, "EPERM"), "pidfd_open_host": "ESRCH",
                          **dict.fromkeys(eacces, "EACCES")}, "pidfd1_ok": True}
     assert host_canary.alive()  # also checks TracerPid: 0 and State: S

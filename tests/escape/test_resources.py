@@ -5,12 +5,14 @@ ATTACKS.md rows G1, G2, G9, B7, B8, G10. Each attack gets its own sandbox with s
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import time
 from pathlib import Path
 
-from escape_support import attack, kill_quietly
+import pytest
+from escape_support import kill_quietly
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "freezer", "blkio", "devices", "cpuset")
@@ -52,7 +54,9 @@ def _health_s(daemon) -> float:  # type: ignore[no-untyped-def]
 
 
 BOMB = """
-    # A fork bomb that keeps trying: every process forks as fast as it can, forever.
+    # A fork bomb that keeps trying: every process forks as fast as it can, forever. The parent
+    # counts what fork() says for a while, writes the tally to a file (the agent may be busy or
+    # gone), and then stays, so the bomb's process group has a live leader to be killed through.
     import errno
     def bomb():
         while True:
@@ -76,8 +80,29 @@ BOMB = """
         if pid == 0:
             bomb()
         forked += 1
-    done(forked=forked, eagain=eagain, other=other)
+    with open("/tmp/bomb.json.tmp", "w") as f:
+        json.dump(dict(forked=forked, eagain=eagain, other=other), f)
+    os.rename("/tmp/bomb.json.tmp", "/tmp/bomb.json")
+    while True:
+        time.sleep(60)
 """
+
+
+def _start_bomb(sb, seconds: float):  # type: ignore[no-untyped-def]
+    from escape_support import script
+
+    sb.files.write("/tmp/bomb.py", script(BOMB))
+    return sb.commands.run(["python3", "/tmp/bomb.py", str(seconds)], background=True)
+
+
+def _bomb_tally(daemon, sb, timeout_s: float = 20) -> dict:  # type: ignore[no-untyped-def]
+    """The bomb's tally, read on the host from the sandbox's overlay upper layer (no agent needed)."""
+    path = daemon.data_dir / "sandboxes" / sb.id / "upper" / "tmp" / "bomb.json"
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, "the fork bomb wrote no tally"
+        time.sleep(0.05)
+    return dict(json.loads(path.read_text()))
 
 
 def test_fork_bomb_stops_at_pids_max_and_the_host_stays_responsive(daemon, base):
@@ -91,9 +116,9 @@ def test_fork_bomb_stops_at_pids_max_and_the_host_stays_responsive(daemon, base)
         # A would-be survivor: double fork + setsid + nohup, reparented away from its command.
         sb.commands.run(f"(setsid nohup bash -c 'exec -a {token} sleep 1000' >/dev/null 2>&1 &) ; true")
         assert len(_host_pids_with(token)) == 1
-        sb.files.write("/tmp/bomb.py", __import__("escape_support").script(BOMB))
-        bomb = sb.commands.run(["python3", "/tmp/bomb.py", "4"], background=True, timeout_s=60)
-        # Meanwhile, on the host: fork+exec and the daemon's API stay fast.
+        _start_bomb(sb, 4)
+        # Meanwhile, on the host: fork+exec and the daemon's API stay fast. Nothing here talks to
+        # the sandbox's agent while the bomb runs (see the next test for why).
         worst_exec, worst_health = 0.0, 0.0
         end = time.monotonic() + 4.5
         while time.monotonic() < end:
@@ -102,26 +127,49 @@ def test_fork_bomb_stops_at_pids_max_and_the_host_stays_responsive(daemon, base)
             worst_exec = max(worst_exec, time.monotonic() - t0)
             worst_health = max(worst_health, _health_s(daemon))
             time.sleep(0.05)
-        r = bomb.wait()
-        assert r.exit_code == 0, r
-        res = __import__("json").loads(r.stdout.splitlines()[-1])
+        res = _bomb_tally(daemon, sb)
         assert res["eagain"] > 0 and res["other"] == {}, res  # fork failed with EAGAIN, nothing else
         assert 0 < res["forked"] < 64, res
-        assert int((pids_dir / "pids.current").read_text()) <= 64
+        assert 60 <= int((pids_dir / "pids.current").read_text()) <= 64  # full (agent threads come and go)
         events = dict(ln.split() for ln in (pids_dir / "pids.events").read_text().splitlines())
         assert int(events["max"]) > 0
         assert worst_exec < 2.0, f"host fork+exec took {worst_exec:.2f}s during the bomb"
         assert worst_health < 2.0, f"daemon /health took {worst_health:.2f}s during the bomb"
-        procs = _procs_in_cgroup(sb.id)
-        assert len(procs) >= 60  # the bomb is still going when the sandbox is killed
+        assert len(_procs_in_cgroup(sb.id)) >= 60  # the bomb is still going when the sandbox is killed
     finally:
         sb.kill()
+        survivors = _host_pids_with(token)
+        for pid in survivors:
+            kill_quietly(pid)
     # Teardown took everything: the bomb, the setsid'd survivor, and the cgroups themselves.
     assert _procs_in_cgroup(sb.id) == []
-    assert _host_pids_with(token) == []
+    assert survivors == []
     assert _cgroup_dirs(sb.id) == []
-    for pid in _host_pids_with(token):
-        kill_quietly(pid)
+
+
+def test_agent_survives_a_fork_bomb_and_the_bomb_can_be_killed(daemon, base):
+    from corral import Sandbox
+
+    sb = Sandbox.create(template=base, resources={"pids_max": 64, "memory_mib": 256})
+    try:
+        bomb = _start_bomb(sb, 2)
+        _bomb_tally(daemon, sb)
+        pids_dir = CGROUP_ROOT / "pids" / "corral" / sb.id
+        assert int((pids_dir / "pids.current").read_text()) == 64
+        # With every pid taken, the agent must still answer and be able to stop the bomb: the
+        # bomb's processes share its process group, which the agent signals.
+        listed = {p.pid: p.running for p in sb.commands.list()}
+        assert listed[bomb.pid] is True
+        sb.commands.kill(bomb.pid)
+        deadline = time.monotonic() + 10
+        while int((pids_dir / "pids.current").read_text()) > 5:
+            assert time.monotonic() < deadline, "the bomb survived being killed"
+            time.sleep(0.05)
+        assert sb.commands.run("echo ok").stdout == "ok\n"
+        assert sb.refresh().status == "running"
+    finally:
+        sb.kill()
+    assert _cgroup_dirs(sb.id) == []
 
 
 def test_memory_hog_is_oom_killed_inside_its_own_cgroup(daemon, base):
@@ -149,6 +197,20 @@ def test_memory_hog_is_oom_killed_inside_its_own_cgroup(daemon, base):
         memsw = mem_dir / "memory.memsw.limit_in_bytes"
         if memsw.exists():
             assert int(memsw.read_text()) == 64 << 20
+    finally:
+        sb.kill()
+    assert _cgroup_dirs(sb.id) == []
+
+
+def test_shm_hog_is_oom_killed_without_taking_the_agent(daemon, base):
+    from corral import Sandbox
+
+    sb = Sandbox.create(template=base, resources={"memory_mib": 64})
+    try:
+        r = sb.commands.run("head -c 100M /dev/zero > /dev/shm/fill", timeout_s=60)
+        assert r.exit_code != 0  # out of memory (killed) or out of space, but a result
+        sb.files.remove("/dev/shm/fill")  # done by the agent itself: no new process needed
+        assert sb.commands.run("echo ok").stdout == "ok\n"
     finally:
         sb.kill()
     assert _cgroup_dirs(sb.id) == []

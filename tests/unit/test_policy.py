@@ -317,7 +317,15 @@ def test_kernel_filesystems_are_restricted() -> None:
     assert {"nosuid", "noexec", "nodev"} <= set(mounts["/proc"]["options"])
     assert "ro" in mounts["/sys"]["options"]
     assert {"nosuid", "noexec", "nodev"} <= set(mounts["/dev/shm"]["options"])
-    assert f"size={defaults.SHM_SIZE}" in mounts["/dev/shm"]["options"]
+    assert f"size={defaults.SHM_MAX_MIB}m" in mounts["/dev/shm"]["options"]  # 1 GiB default: capped at 64 MiB
+
+
+def test_tmpfs_sizes_follow_the_memory_limit() -> None:
+    """A filled tmpfs cannot be freed by the OOM killer: it must stay well under memory_mib (G5)."""
+    small = compiled(SandboxPolicy(resources={"memory_mib": 64}))
+    mounts = {m["destination"]: m for m in small["mounts"]}
+    assert "size=16m" in mounts["/dev/shm"]["options"]
+    assert f"size={defaults.DEV_SIZE}" in mounts["/dev"]["options"]
 
 
 def test_template_mode_binds_only_the_agent() -> None:

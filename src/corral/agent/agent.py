@@ -31,7 +31,9 @@ from _queue import SimpleQueue  # the C queue: `import queue` pulls in more modu
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import protocol as P  # the agent ships as loose files, not as a package
 
-Any = object  # annotations only (postponed): importing typing costs ~2 ms of every sandbox start
+TYPE_CHECKING = False  # importing typing costs ~2 ms of every sandbox start; annotations are postponed
+if TYPE_CHECKING:
+    from typing import Any
 
 LISTEN_FD = 3
 REPLAY_BYTES = 4 << 20  # per stream, for re-attaching to a background process
@@ -147,6 +149,13 @@ class Agent:
     def reaper(self) -> None:
         while True:
             try:
+                self._reap_one()
+            except Exception:  # e.g. no thread for a drain timer during a fork bomb: keep reaping
+                time.sleep(0.01)
+
+    def _reap_one(self) -> None:
+        while True:
+            try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 self.children.wait()
@@ -169,10 +178,13 @@ class Agent:
         proc.status = status
         if proc.open_streams == 0:
             self._finish(proc)
-        else:
+            return
+        try:
             t = threading.Timer(DRAIN_AFTER_EXIT_S, self._drain_timeout, (proc,))
             t.daemon = True
             t.start()
+        except RuntimeError:  # no thread to be had (pids.max): do not wait for the pipes
+            self._finish(proc)
 
     def _drain_timeout(self, proc: Proc) -> None:
         with LOCK:
@@ -321,7 +333,12 @@ class Agent:
         if timeout:
             t = threading.Timer(float(timeout), self._timeout, (proc,))
             t.daemon = True
-            t.start()
+            try:
+                t.start()
+            except RuntimeError:
+                self.signal(proc, signal.SIGKILL)
+                raise OpError("InvalidRequest", "the sandbox is out of processes (pids.max); "
+                                                "cannot time this command, so it was not run") from None
         return proc
 
     def _timeout(self, proc: Proc) -> None:
@@ -394,8 +411,11 @@ class Agent:
                 proc.subscribers.add(q)
             else:
                 q.put(None)
-        reader = threading.Thread(target=self._client_input, args=(proc, conn), daemon=True)
-        reader.start()
+        reader: threading.Thread | None = threading.Thread(target=self._client_input, args=(proc, conn), daemon=True)
+        try:
+            reader.start()  # type: ignore[union-attr]
+        except RuntimeError:  # pids.max reached: stream output, but take no input
+            reader = None
         try:
             for kind, data in backlog:
                 for i in range(0, len(data), P.CHUNK):
@@ -409,7 +429,8 @@ class Agent:
             # Let the daemon close first: closing with its late input (close_stdin, a signal) still
             # unread would reset the connection and could lose the exit event we just sent.
             conn.sock.shutdown(socket.SHUT_WR)
-            reader.join(timeout=10)
+            if reader is not None:
+                reader.join(timeout=10)
         finally:
             with LOCK:
                 proc.subscribers.discard(q)
@@ -692,7 +713,12 @@ def main() -> None:
             client, _ = sock.accept()
         except OSError:
             continue
-        threading.Thread(target=agent.handle, args=(client,), daemon=True).start()
+        try:
+            threading.Thread(target=agent.handle, args=(client,), daemon=True).start()
+        except RuntimeError:
+            # No thread to be had: the sandbox hit pids.max (a fork bomb). Serve this request
+            # inline, so the daemon can still list and kill the culprits.
+            agent.handle(client)
 
 
 if __name__ == "__main__":

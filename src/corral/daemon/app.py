@@ -132,10 +132,11 @@ async def process_stdin(sandbox_id: str, pid: int, body: m.StdinRequest, request
 @router.get("/sandboxes/{sandbox_id}/files", name="files.read",
             responses={200: {"content": {"application/octet-stream": {}}}})
 async def read_file(sandbox_id: str, request: Request, path: str = Query(...)) -> StreamingResponse:
-    size, chunks = await _svc(request).open_read(sandbox_id, path)
+    _size, chunks = await _svc(request).open_read(sandbox_id, path)
     request.state.audit_detail = {"path": path[:1024]}
-    return StreamingResponse(chunks, media_type="application/octet-stream",
-                             headers={"Content-Length": str(size)})
+    # No Content-Length: the size comes from the sandbox and may lie (/proc files, a file that
+    # grows while it is read). The body is sent chunked and capped by the service.
+    return StreamingResponse(chunks, media_type="application/octet-stream")
 
 
 @router.put("/sandboxes/{sandbox_id}/files", response_model=m.WriteResult, name="files.write")

@@ -262,8 +262,21 @@ class Service:
     async def open_read(self, sandbox_id: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
         self._running(sandbox_id)
         agent = self.agent(sandbox_id)
-        conn, size = await agent.open_read(check_path(path), self.settings.max_upload_bytes)
-        return size, agent.iter_read(conn)
+        limit = self.settings.max_upload_bytes
+        conn, size = await agent.open_read(check_path(path), limit)
+
+        async def capped() -> AsyncIterator[bytes]:
+            sent = 0
+            async for chunk in agent.iter_read(conn):
+                chunk = chunk[: max(0, limit - sent)]
+                if chunk:
+                    sent += len(chunk)
+                    yield chunk
+                if sent >= limit:
+                    log.warning("download of %s from %s stopped at the %d-byte limit", path, sandbox_id, limit)
+                    break
+
+        return size, capped()
 
     async def write(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes], mode: int = 0o644) -> m.WriteResult:
         self._running(sandbox_id)

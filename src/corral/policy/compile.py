@@ -95,6 +95,8 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
                 nofile: int = defaults.NOFILE) -> OciPlan:
     require_consent(policy)
     res = policy.resources
+    quarter = max(1, res.memory_mib // defaults.TMPFS_FRACTION)
+    shm_mib, tmp_mib, run_mib = min(defaults.SHM_MAX_MIB, quarter), min(defaults.TMP_MAX_MIB, quarter), min(16, quarter)
     env = {"PATH": defaults.PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "xterm"}
     env.update(policy.env)
     # The agent's own variables win (it strips them from commands' environments).
@@ -102,11 +104,11 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+         "options": ["nosuid", "strictatime", "mode=755", f"size={defaults.DEV_SIZE}"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", f"size={defaults.SHM_SIZE}"]},
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", f"size={shm_mib}m"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
         _bind(f"{AGENT_DIR}/rt", paths.agent_runtime, "ro", "nosuid", "nodev"),
@@ -114,9 +116,9 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
     ]
     if policy.root == "host":
         mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                       "options": ["nosuid", "nodev", "mode=1777", "size=1g"]})
+                       "options": ["nosuid", "nodev", "mode=1777", f"size={tmp_mib}m"]})
         mounts.append({"destination": "/run", "type": "tmpfs", "source": "tmpfs",
-                       "options": ["nosuid", "nodev", "mode=755", "size=16m"]})
+                       "options": ["nosuid", "nodev", "mode=755", f"size={run_mib}m"]})
         for d in paths.masked_dirs:
             mounts.append({"destination": d, "type": "tmpfs", "source": "tmpfs",
                            "options": ["nosuid", "nodev", "noexec", "mode=755", "size=1m", "ro"]})

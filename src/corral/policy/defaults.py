@@ -6,7 +6,13 @@ from __future__ import annotations
 CPU_CORES = 1.0
 MEMORY_MIB = 1024
 PIDS_MAX = 512  # a fork bomb stops here, EAGAIN inside, host unaffected
-SHM_SIZE = "64m"  # /dev/shm is tmpfs charged to the sandbox's memory cgroup
+# In-sandbox tmpfs (/dev/shm; /tmp and /run in host mode) is charged to the sandbox's memory cgroup
+# and killing processes does not free it: each is capped at a quarter of the memory limit so that
+# filling them cannot OOM-kill the agent (ATTACKS G5).
+SHM_MAX_MIB = 64
+TMP_MAX_MIB = 1024
+TMPFS_FRACTION = 4
+DEV_SIZE = "1m"  # /dev holds device nodes and mountpoints only
 NOFILE = 65536  # enough for builds; bounded so fd exhaustion stays inside
 CORE_SIZE = 0  # no core dumps: they could carry secrets out of the process
 

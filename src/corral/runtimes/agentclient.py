@@ -44,7 +44,7 @@ class AgentConnection:
         try:
             kind, length = P.parse_header(await self.reader.readexactly(P.HEADER.size))
             return kind, (await self.reader.readexactly(length) if length else b"")
-        except asyncio.IncompleteReadError:
+        except (asyncio.IncompleteReadError, ConnectionError):
             raise errors.AgentError("the agent closed the connection (did the sandbox stop?)") from None
         except P.ProtocolError as e:
             raise errors.AgentError(f"the agent broke the protocol: {e}") from None

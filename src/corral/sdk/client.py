@@ -65,7 +65,7 @@ class Client:
     async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             r = await self.http.request(method, path, **kw)
-        except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+        except httpx.TransportError as e:
             raise errors.DaemonUnreachableError(f"cannot reach the Corral daemon at {self.url}: {e}") from None
         if r.status_code >= 400:
             try:
@@ -87,7 +87,7 @@ class Client:
                         body = r.text
                     raise errors.from_body(r.status_code, body)
                 yield r
-        except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+        except httpx.TransportError as e:
             raise errors.DaemonUnreachableError(f"cannot reach the Corral daemon at {self.url}: {e}") from None
 
     async def json(self, method: str, path: str, **kw: Any) -> Any:
