@@ -11,7 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from escape_support import kill_quietly
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
