@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+
 from tests.conftest import TEMPLATE_CACHE, free_port, traversable_tmp
 
 CORRAL = [sys.executable, "-m", "corral.cli.main"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from escape_support import HostCanary, start_host_canary
+
+from tests.escape.escape_support import HostCanary, start_host_canary
 
 
 @pytest.fixture(scope="module")

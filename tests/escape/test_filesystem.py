@@ -11,9 +11,9 @@ import secrets
 from pathlib import Path
 
 import pytest
-from escape_support import attack
 
 from corral import CorralError, FileNotFoundInSandboxError, Sandbox
+from tests.escape.escape_support import attack
 
 
 def _mount_opts(sb, path: str) -> list[str]:  # type: ignore[no-untyped-def]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import textwrap
 
-from escape_support import (
+from corral.policy import defaults
+from tests.escape.escape_support import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -21,8 +22,6 @@ from escape_support import (
     NR,
     attack,
 )
-
-from corral.policy import defaults
 
 NS_FLAGS = {
     "NEWNS|NEWUSER": CLONE_NEWNS | CLONE_NEWUSER,

@@ -15,9 +15,9 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from escape_support import attack
 
 from corral import Sandbox
+from tests.escape.escape_support import attack
 
 
 def _host_addresses() -> list[tuple[str, str, str]]:

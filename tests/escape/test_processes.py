@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from escape_support import NR, attack, kill_quietly
+
+from tests.escape.escape_support import NR, attack, kill_quietly
 
 AGENT_MARK = "/.corral/agent/agent.py"
 

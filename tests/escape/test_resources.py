@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from escape_support import kill_quietly
+from tests.escape.escape_support import kill_quietly
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "freezer", "blkio", "devices", "cpuset")
@@ -88,7 +88,7 @@ BOMB = """
 
 
 def _start_bomb(sb, seconds: float):  # type: ignore[no-untyped-def]
-    from escape_support import script
+    from tests.escape.escape_support import script
 
     sb.files.write("/tmp/bomb.py", script(BOMB))
     return sb.commands.run(["python3", "/tmp/bomb.py", str(seconds)], background=True)

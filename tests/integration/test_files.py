@@ -9,12 +9,12 @@ import socket
 from pathlib import Path
 
 import pytest
-from tests.conftest import Daemon, _ensure_template, free_port
 
 from corral import Sandbox
 from corral.errors import FileConflictError, FileNotFoundInSandboxError, InvalidPathError, PayloadTooLargeError
 from corral.sdk.client import Client
 from corral.sdk.sync import run
+from tests.conftest import Daemon, _ensure_template, free_port
 
 
 @pytest.fixture(scope="module")

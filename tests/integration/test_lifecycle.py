@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.conftest import Daemon, free_port, traversable_tmp
 
 from corral import PolicyRejectedError, Sandbox, SandboxNotFoundError
+from tests.conftest import Daemon, free_port, traversable_tmp
 
 
 def test_stop_start_keeps_the_filesystem_and_ends_processes(daemon, busybox):

@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.conftest import TEMPLATE_CACHE, require, traversable_tmp
 
 from corral.policy import defaults
 from corral.policy.spec import SandboxPolicy
 from corral.runtimes import images, oci
 from corral.runtimes.agentclient import AgentClient
+from tests.conftest import TEMPLATE_CACHE, require, traversable_tmp
 
 AGENT_SRC = Path(oci.__file__).resolve().parent.parent / "agent"
 
