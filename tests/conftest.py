@@ -162,6 +162,33 @@ def daemon() -> Iterator[Daemon]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _sandbox_traces() -> tuple[set[str], set[int]]:
+    cgroups = {p.name for p in Path("/sys/fs/cgroup/pids/corral").glob("sb-*")}
+    agents = set()
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"/.corral/agent/agent.py" in (p / "cmdline").read_bytes():
+                agents.add(int(p.name))
+        except OSError:
+            pass
+    return cgroups, agents
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Every sandbox the tests create is gone afterwards: no cgroup, no agent process."""
+    before = _sandbox_traces()
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        cgroups, agents = _sandbox_traces()
+        new = (cgroups - before[0], agents - before[1])
+        if not any(new) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not any(new), f"tests left sandboxes behind: cgroups {sorted(new[0])}, agent pids {sorted(new[1])}"
+
+
 def _ensure_template(d: Daemon, name: str) -> None:
     with d.http() as h:
         with h.stream("POST", f"/templates/{name}/build") as r:

@@ -32,6 +32,9 @@ def env(base):
     for sb in json.loads(ids or "[]"):
         subprocess.run([*CORRAL, "sandbox", "rm", sb["id"]], env=e, capture_output=True)
     subprocess.run([*CORRAL, "down"], env=e, capture_output=True, timeout=60)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def corral(env, *args, check=True, input=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -122,6 +123,7 @@ def test_daemon_restart_readopts_running_sandboxes_and_cleans_up_dead_ones(busyb
             assert len(starts) == 2 and "sb-0123456789ab" in json.dumps(starts[-1]["detail"])
     finally:
         d.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_crashed_sandbox_is_marked_exited(daemon, busybox):
