@@ -126,3 +126,12 @@ def test_async_sandbox_same_surface(daemon, busybox):
             return r.stdout, await s.files.read("/tmp/x"), [e.name for e in await s.files.list("/tmp")]
 
     assert asyncio.run(go()) == ("async\n", b"1", ["x"])
+
+
+def test_many_timed_commands_do_not_pile_up_tasks(sb):
+    from pathlib import Path
+
+    for _ in range(150):
+        assert sb.commands.run(["true"], timeout_s=600).exit_code == 0
+    current = int((Path("/sys/fs/cgroup/pids/corral") / sb.id / "pids.current").read_text())
+    assert current < 20, f"{current} tasks in the sandbox after 150 finished commands"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import binascii
 import errno
 import fcntl
+import heapq
 import os
 import select
 import signal
@@ -73,6 +74,37 @@ def check_path(path: Any) -> str:
         return P.check_path(path)
     except ValueError as e:
         raise OpError("InvalidPath", str(e)) from None
+
+
+class Scheduler:
+    """One thread for every timer (command timeouts, pipe drains): a thread per timer would count
+    against the sandbox's pids.max and sleep there for the whole timeout."""
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.heap: list[tuple[float, int, Any, tuple[Any, ...]]] = []
+        self.seq = 0
+
+    def at(self, delay_s: float, fn: Any, *args: Any) -> None:
+        with self.cv:
+            self.seq += 1
+            heapq.heappush(self.heap, (time.monotonic() + delay_s, self.seq, fn, args))
+            self.cv.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.heap:
+                    self.cv.wait()
+                due = self.heap[0][0] - time.monotonic()
+                if due > 0:
+                    self.cv.wait(due)
+                    continue
+                _, _, fn, args = heapq.heappop(self.heap)
+            try:
+                fn(*args)
+            except Exception:
+                pass
 
 
 class Conn:
@@ -140,6 +172,7 @@ class Agent:
         self.procs: dict[int, Proc] = {}
         self.early_exits: dict[int, int] = {}  # reaped before spawn() registered them
         self.children = threading.Event()
+        self.timers = Scheduler()
         self.epoll = select.epoll()
         self.streams: dict[int, tuple[Proc, bytes]] = {}
         self.env = {k: v for k, v in os.environ.items() if k not in _AGENT_ENV_DROP}
@@ -150,7 +183,7 @@ class Agent:
         while True:
             try:
                 self._reap_one()
-            except Exception:  # e.g. no thread for a drain timer during a fork bomb: keep reaping
+            except Exception:  # never let the reaper die: zombies would pile up
                 time.sleep(0.01)
 
     def _reap_one(self) -> None:
@@ -179,12 +212,7 @@ class Agent:
         if proc.open_streams == 0:
             self._finish(proc)
             return
-        try:
-            t = threading.Timer(DRAIN_AFTER_EXIT_S, self._drain_timeout, (proc,))
-            t.daemon = True
-            t.start()
-        except RuntimeError:  # no thread to be had (pids.max): do not wait for the pipes
-            self._finish(proc)
+        self.timers.at(DRAIN_AFTER_EXIT_S, self._drain_timeout, proc)
 
     def _drain_timeout(self, proc: Proc) -> None:
         with LOCK:
@@ -331,14 +359,7 @@ class Agent:
             self.epoll.register(fd, select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR)
         timeout = req.get("timeout_s")
         if timeout:
-            t = threading.Timer(float(timeout), self._timeout, (proc,))
-            t.daemon = True
-            try:
-                t.start()
-            except RuntimeError:
-                self.signal(proc, signal.SIGKILL)
-                raise OpError("InvalidRequest", "the sandbox is out of processes (pids.max); "
-                                                "cannot time this command, so it was not run") from None
+            self.timers.at(float(timeout), self._timeout, proc)
         return proc
 
     def _timeout(self, proc: Proc) -> None:
@@ -707,6 +728,7 @@ def main() -> None:
     sock.setblocking(True)
     threading.Thread(target=agent.reaper, name="reaper", daemon=True).start()
     threading.Thread(target=agent.io_loop, name="io", daemon=True).start()
+    threading.Thread(target=agent.timers.run, name="timers", daemon=True).start()
     threading.Thread(target=_harden, name="harden", daemon=True).start()
     while True:
         try:
