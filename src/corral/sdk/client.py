@@ -62,17 +62,24 @@ class Client:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            r = await self.http.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise errors.DaemonUnreachableError(f"cannot reach the Corral daemon at {self.url}: {e}") from None
+    def _unreachable(self, e: Exception) -> errors.DaemonUnreachableError:
+        return errors.DaemonUnreachableError(f"cannot reach the Corral daemon at {self.url}: {e}")
+
+    @staticmethod
+    def _raise_for_status(r: httpx.Response) -> None:
         if r.status_code >= 400:
             try:
                 body = r.json()
             except ValueError:
                 body = r.text
             raise errors.from_body(r.status_code, body)
+
+    async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = await self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from None
+        self._raise_for_status(r)
         return r
 
     @contextlib.asynccontextmanager
@@ -81,14 +88,10 @@ class Client:
             async with self.http.stream(method, path, **kw) as r:
                 if r.status_code >= 400:
                     await r.aread()
-                    try:
-                        body = r.json()
-                    except ValueError:
-                        body = r.text
-                    raise errors.from_body(r.status_code, body)
+                    self._raise_for_status(r)
                 yield r
         except httpx.TransportError as e:
-            raise errors.DaemonUnreachableError(f"cannot reach the Corral daemon at {self.url}: {e}") from None
+            raise self._unreachable(e) from None
 
     async def json(self, method: str, path: str, **kw: Any) -> Any:
         r = await self.request(method, path, **kw)
