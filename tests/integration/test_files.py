@@ -140,3 +140,22 @@ def test_files_on_a_stopped_sandbox_say_so(daemon, busybox):
         s.stop()
         with pytest.raises(SandboxNotRunningError, match="start"):
             s.files.read("/etc/passwd")
+
+
+def test_symlink_swap_race_during_uploads_never_writes_outside(sb):
+    """H4: a directory swapped for a symlink to a host-looking path while files are uploaded into it."""
+    marker = f"race-{secrets.token_hex(4)}"
+    sb.commands.run("mkdir -p /workspace/d /workspace/real")
+    p = sb.commands.run("while true; do mv /workspace/d /workspace/d.tmp; ln -s /root /workspace/d; "
+                        "rm /workspace/d; mv /workspace/d.tmp /workspace/d; done", background=True)
+    try:
+        for i in range(100):
+            try:
+                sb.files.write(f"/workspace/d/{marker}-{i}", b"x")
+            except Exception:  # the parent may be a symlink or missing at that instant
+                pass
+    finally:
+        p.kill()
+    assert not list(Path("/root").glob(f"{marker}-*"))  # the host's /root is untouched
+    landed = sb.commands.run(f"ls /workspace/d /root | grep -c {marker} || true").stdout.strip()
+    assert int(landed) > 0  # the writes went somewhere inside the sandbox
