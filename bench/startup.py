@@ -67,7 +67,7 @@ class CrunBaseline:
         self.agent_runtime = agent_runtime
 
     def _bundle(self, rootfs: str, name: str) -> Path:
-        paths = SandboxPaths(rootfs=rootfs, agent_src=str(ROOT / "src/corral/agent"),
+        paths = SandboxPaths(rootfs=rootfs, agent_src=str(next((self.agent_runtime.parent.parent / "agent").glob("[0-9a-f]*"))),
                              agent_runtime=str(self.agent_runtime), workspace=None)
         nofile = min(65536, __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[1])
         cfg = compile_oci(name, SandboxPolicy(template="x"), paths, nofile=nofile).config

@@ -29,7 +29,8 @@ def runtime():
     require("template-busybox")
     oci.enter_private_mount_namespace()  # what the daemon does first; mounts below die with the test process
     tmp = traversable_tmp()
-    rt = oci.OciRuntime(tmp / "data", tmp / "state", AGENT_SRC, images.ensure_agent_runtime(tmp / "data"))
+    rt = oci.OciRuntime(tmp / "data", tmp / "state", images.install_agent_source(tmp / "data", AGENT_SRC),
+                        images.ensure_agent_runtime(tmp / "data"))
     tpl = images.TemplateStore(TEMPLATE_CACHE).build("busybox")
     yield rt, tpl.rootfs
     shutil.rmtree(tmp, ignore_errors=True)

@@ -110,7 +110,8 @@ def run_daemon(settings: DaemonSettings) -> None:
     keyring = KeyRing(store)
     if keyring.ensure_local_key(settings.api_key_path):
         log.info("created the local API key", extra={"fields": {"path": str(settings.api_key_path)}})
-    runtime = oci.OciRuntime(settings.data_dir, settings.state_dir, AGENT_SRC, agent_rt)
+    agent_src = images.install_agent_source(settings.data_dir, AGENT_SRC)
+    runtime = oci.OciRuntime(settings.data_dir, settings.state_dir, agent_src, agent_rt)
     templates = images.TemplateStore(settings.template_dir)
     service = Service(settings, store, runtime, templates)
 

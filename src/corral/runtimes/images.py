@@ -309,6 +309,32 @@ def ensure_agent_runtime(data_dir: Path) -> Path:
     return dest
 
 
+def install_agent_source(data_dir: Path, src: Path) -> Path:
+    """Copy the agent's files under the data dir, content-addressed.
+
+    Sandboxes bind this copy, never the checkout: the checkout may sit below a directory that the
+    sandbox's uid cannot traverse (/root), and its path would show in the sandbox's mountinfo.
+    """
+    import hashlib
+
+    files = sorted(p for p in src.glob("*.py") if p.name != "__init__.py")
+    digest = hashlib.sha256(b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)).hexdigest()[:16]
+    dest = data_dir / "agent" / digest
+    if not (dest / "ok").exists():
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for p in files:
+            shutil.copyfile(p, tmp / p.name)
+            os.chmod(tmp / p.name, 0o644)
+        (tmp / "ok").write_text("")
+        os.chmod(tmp, 0o755)
+        os.chmod(dest.parent, 0o755)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest
+
+
 def validate_template_name(name: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
         raise InvalidRequestError(f"invalid template name {name!r}")
