@@ -55,10 +55,14 @@ def test_cli_flow(env):
     corral(env, "exec", sid, "--", "sh", "-c", "echo persisted > /workspace/f")
     corral(env, "sandbox", "stop", sid)
     assert "stopped" in corral(env, "sandbox", "ls").stdout
-    r = corral(env, "exec", sid, "--", "true", check=False)
-    assert r.returncode == 1 and "SandboxNotRunning" in r.stderr and "corral sandbox start" in r.stderr
-    corral(env, "sandbox", "start", sid)
+    # A stopped sandbox starts again on use (auto-resume), with its files.
     assert corral(env, "exec", sid, "--", "cat", "/workspace/f").stdout == "persisted\n"
+    assert "AutoStarted" in corral(env, "sandbox", "ls").stdout
+    corral(env, "sandbox", "pause", sid)
+    assert "paused" in corral(env, "sandbox", "ls").stdout
+    corral(env, "sandbox", "resume", sid)
+    r = corral(env, "sandbox", "pause", sid, "--to-disk", check=False)
+    assert r.returncode != 0 and "hibernation is not available" in r.stderr
     audit = corral(env, "audit", sid).stdout
     assert "sandbox.create" in audit and "sandbox.stop" in audit
     assert corral(env, "audit", "verify").stdout.startswith("OK")

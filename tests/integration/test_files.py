@@ -133,13 +133,12 @@ async def _client(d: Daemon) -> Client:
     return Client(d.url, d.api_key)
 
 
-def test_files_on_a_stopped_sandbox_say_so(daemon, busybox):
-    from corral.errors import SandboxNotRunningError
-
+def test_files_on_a_stopped_sandbox_start_it_again(daemon, busybox):
     with Sandbox.create(template=busybox) as s:
+        s.files.write("/root/f", b"kept")
         s.stop()
-        with pytest.raises(SandboxNotRunningError, match="start"):
-            s.files.read("/etc/passwd")
+        assert s.files.read("/root/f") == b"kept"  # auto-resume
+        assert (s.refresh().status, s.info.reason) == ("running", "AutoStarted")
 
 
 def test_symlink_swap_race_during_uploads_never_writes_outside(sb):

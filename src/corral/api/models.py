@@ -25,6 +25,7 @@ class CreateSandboxRequest(SandboxPolicy):
 
 class Timing(_Model):
     total_ms: float
+    resume_ms: float = 0.0
     template_build_ms: float = 0.0
     runtime_start_ms: float = 0.0
     agent_ready_ms: float = 0.0
@@ -33,8 +34,8 @@ class Timing(_Model):
 class SandboxInfo(_Model):
     id: str
     template: str
-    desired: Literal["running", "stopped"]
-    status: Literal["creating", "running", "stopped", "error"]
+    desired: Literal["running", "paused", "stopped"]
+    status: Literal["creating", "running", "paused", "stopped", "error"]
     reason: str = Field(description="stable CamelCase reason for the status, e.g. Started, Timeout, OOMKilled")
     message: str = ""
     created_at: float
@@ -44,7 +45,19 @@ class SandboxInfo(_Model):
     policy: SandboxPolicy
     weakenings: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
+    last_activity_at: float | None = None
     timing: Timing | None = None
+
+
+class PauseRequest(_Model):
+    to_disk: bool = Field(False, description="hibernate: checkpoint processes to disk and free their memory (CRIU)")
+
+
+class UpdateSandboxRequest(_Model):
+    """Extend or change a running sandbox's timeouts; timeout_s counts from now."""
+
+    timeout_s: int | None = Field(None, ge=1, le=365 * 86400)
+    idle_timeout_s: int | None = Field(None, ge=1, le=365 * 86400)
 
 
 class SandboxList(_Model):
@@ -84,6 +97,7 @@ class ExecResult(_Model):
     timed_out: bool = False
     truncated_bytes: int = 0
     duration_ms: float = 0.0
+    resume_ms: float = Field(0.0, description="time spent resuming a paused or stopped sandbox first")
     background: bool = False
 
 

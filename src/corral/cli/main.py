@@ -155,8 +155,9 @@ def cmd_template(a: argparse.Namespace) -> int:
 # ---- sandboxes ---------------------------------------------------------------------------------
 def _policy_args(a: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"template": a.template, "root": a.root}
-    if a.timeout_s:
-        body["timeout_s"] = a.timeout_s
+    for k in ("timeout_s", "on_timeout", "idle_timeout_s", "on_idle"):
+        if getattr(a, k) is not None:
+            body[k] = getattr(a, k)
     res = {k: v for k, v in (("cpu_cores", a.cpu_cores), ("memory_mib", a.memory_mib), ("pids_max", a.pids_max))
            if v is not None}
     if res:
@@ -200,6 +201,10 @@ def cmd_sandbox(a: argparse.Namespace) -> int:
             _run(_with_client(lambda cl, sid=sid: cl.json("POST", f"/sandboxes/{sid}/stop")))
         elif act == "start":
             _run(_with_client(lambda cl, sid=sid: cl.json("POST", f"/sandboxes/{sid}/start")))
+        elif act == "pause":
+            _run(_with_client(lambda cl, sid=sid: cl.json("POST", f"/sandboxes/{sid}/pause", json={"to_disk": a.to_disk})))
+        elif act == "resume":
+            _run(_with_client(lambda cl, sid=sid: cl.json("POST", f"/sandboxes/{sid}/resume")))
         elif act == "rm":
             _run(_with_client(lambda cl, sid=sid: cl.request("DELETE", f"/sandboxes/{sid}")))
         print(sid)
@@ -310,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--template", default="base")
     cr.add_argument("--root", choices=["template", "host"], default="template")
     cr.add_argument("--timeout-s", type=int)
+    cr.add_argument("--on-timeout", choices=["stop", "pause", "hibernate", "delete"])
+    cr.add_argument("--idle-timeout-s", type=int)
+    cr.add_argument("--on-idle", choices=["pause", "hibernate", "stop"])
     cr.add_argument("--cpu-cores", type=float)
     cr.add_argument("--memory-mib", type=int)
     cr.add_argument("--pids-max", type=int)
@@ -319,9 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = sbs.add_parser("info", help="show one sandbox as JSON")
     info.add_argument("id")
     for name, hlp in (("stop", "stop (processes end, files kept)"), ("start", "start a stopped sandbox"),
+                      ("pause", "freeze (processes kept in memory, zero CPU)"),
+                      ("resume", "thaw a paused sandbox (or start a stopped one)"),
                       ("rm", "stop and delete with its files")):
         x = sbs.add_parser(name, help=hlp)
         x.add_argument("ids", nargs="+", metavar="id")
+        if name == "pause":
+            x.add_argument("--to-disk", action="store_true", help="hibernate (needs CRIU 4.x; see corral doctor)")
     sb.set_defaults(fn=cmd_sandbox)
 
     ex = sub.add_parser("exec", help="run a command; exits with its exit code")

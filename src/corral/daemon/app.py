@@ -90,6 +90,22 @@ async def stop_sandbox(sandbox_id: str, request: Request) -> m.SandboxInfo:
     return await _svc(request).stop(sandbox_id)
 
 
+@router.post("/sandboxes/{sandbox_id}/pause", response_model=m.SandboxInfo, name="sandbox.pause")
+async def pause_sandbox(sandbox_id: str, request: Request, body: m.PauseRequest | None = None) -> m.SandboxInfo:
+    return await _svc(request).pause(sandbox_id, to_disk=bool(body and body.to_disk))
+
+
+@router.post("/sandboxes/{sandbox_id}/resume", response_model=m.SandboxInfo, name="sandbox.resume")
+async def resume_sandbox(sandbox_id: str, request: Request) -> m.SandboxInfo:
+    return await _svc(request).resume(sandbox_id)
+
+
+@router.patch("/sandboxes/{sandbox_id}", response_model=m.SandboxInfo, name="sandbox.update")
+async def update_sandbox(sandbox_id: str, body: m.UpdateSandboxRequest, request: Request) -> m.SandboxInfo:
+    request.state.audit_detail = body.model_dump(exclude_none=True)
+    return _svc(request).update(sandbox_id, body)
+
+
 @router.post("/sandboxes/{sandbox_id}/start", response_model=m.SandboxInfo, name="sandbox.start")
 async def start_sandbox(sandbox_id: str, request: Request) -> m.SandboxInfo:
     return await _svc(request).start(sandbox_id)

@@ -45,6 +45,8 @@ class Service:
         self.templates = templates
         self.records: dict[str, SandboxRecord] = {r.id: r for r in store.list_sandboxes()}
         self.pids: dict[str, int] = {}
+        self.activity: dict[str, float] = {}  # sandbox id -> time.time() of its last API call or CPU use
+        self._cpu: dict[str, int] = {}  # last cpuacct.usage sample, to tell idle from busy
         self._locks: dict[str, asyncio.Lock] = {}
         self._template_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -61,11 +63,26 @@ class Service:
             raise errors.SandboxNotFoundError(f"no sandbox {sandbox_id}")
         return rec
 
-    def _running(self, sandbox_id: str) -> SandboxRecord:
+    def touch(self, sandbox_id: str) -> None:
+        """API activity: postpones the idle timeout."""
+        self.activity[sandbox_id] = time.time()
+
+    async def _running(self, sandbox_id: str) -> float:
+        """Make sure the sandbox runs, resuming a paused or starting a stopped one (auto-resume).
+
+        Returns the milliseconds that took (0 when it was running)."""
         rec = self._record(sandbox_id)
-        if rec.status != "running":
+        self.touch(sandbox_id)
+        if rec.status == "running":
+            return 0.0
+        t0 = time.perf_counter()
+        if rec.status == "paused":
+            await self.resume(sandbox_id, reason="AutoResumed")
+        elif rec.status == "stopped":
+            await self.start(sandbox_id, reason="AutoStarted")
+        else:
             raise errors.SandboxNotRunningError(f"sandbox {sandbox_id} is {rec.status} ({rec.reason})")
-        return rec
+        return (time.perf_counter() - t0) * 1000
 
     def agent(self, sandbox_id: str) -> AgentClient:
         return AgentClient(self.runtime.socket_path(sandbox_id), sandbox_id)
@@ -81,7 +98,7 @@ class Service:
             id=rec.id, template=rec.template, desired=rec.desired, status=rec.status,
             reason=rec.reason, message=rec.message, created_at=rec.created_at, started_at=rec.started_at,
             stopped_at=rec.stopped_at, timeout_at=rec.timeout_at, policy=policy, weakenings=policy.weakenings(),
-            metadata=rec.metadata, timing=timing)
+            metadata=rec.metadata, last_activity_at=self.activity.get(rec.id), timing=timing)
 
     # ---- templates ---------------------------------------------------------------------------
     def list_templates(self) -> m.TemplateList:
@@ -122,6 +139,8 @@ class Service:
         t0 = time.perf_counter()
         policy = SandboxPolicy.model_validate(req.model_dump(exclude={"metadata"}))
         require_consent(policy)
+        if "hibernate" in (policy.on_idle, policy.on_timeout):
+            self.require_hibernation()
         tpl = await self.ensure_template(policy.template, progress)
         t_tpl = time.perf_counter()
         now = time.time()
@@ -145,7 +164,7 @@ class Service:
         timing.total_ms = (time.perf_counter() - t0) * 1000
         return self.info(rec, timing)
 
-    async def _boot(self, rec: SandboxRecord, policy: SandboxPolicy, rootfs: str) -> m.Timing:
+    async def _boot(self, rec: SandboxRecord, policy: SandboxPolicy, rootfs: str, reason: str = "Started") -> m.Timing:
         t0 = time.perf_counter()
         await self.runtime.start(rec.id, policy, rootfs)
         t1 = time.perf_counter()
@@ -160,8 +179,9 @@ class Service:
         if pid:
             self.pids[rec.id] = pid
         now = time.time()
-        self._update(rec, status="running", desired="running", reason="Started", message="", started_at=now,
+        self._update(rec, status="running", desired="running", reason=reason, message="", started_at=now,
                      stopped_at=None, timeout_at=now + policy.timeout_s if policy.timeout_s else None)
+        self.touch(rec.id)
         return m.Timing(total_ms=0, runtime_start_ms=(t1 - t0) * 1000, agent_ready_ms=(t2 - t1) * 1000)
 
     def get(self, sandbox_id: str) -> m.SandboxInfo:
@@ -174,7 +194,7 @@ class Service:
                    desired: str = "stopped") -> m.SandboxInfo:
         rec = self._record(sandbox_id)
         async with self._lock(sandbox_id):
-            if rec.status in ("running", "creating", "error") or self.runtime.dir(sandbox_id).exists():
+            if rec.status in ("running", "paused", "creating", "error") or self.runtime.dir(sandbox_id).exists():
                 await self.runtime.stop(sandbox_id)
             self.pids.pop(sandbox_id, None)
             if rec.status != "stopped" or rec.desired != desired:
@@ -182,8 +202,10 @@ class Service:
                              stopped_at=time.time(), timeout_at=None)
         return self.info(rec)
 
-    async def start(self, sandbox_id: str) -> m.SandboxInfo:
+    async def start(self, sandbox_id: str, reason: str = "Started") -> m.SandboxInfo:
         rec = self._record(sandbox_id)
+        if rec.status == "paused":
+            return await self.resume(sandbox_id)
         async with self._lock(sandbox_id):
             if rec.status == "running":
                 return self.info(rec)
@@ -192,12 +214,64 @@ class Service:
             self.runtime.prepare(rec.id, policy)
             t0 = time.perf_counter()
             try:
-                timing = await self._boot(rec, policy, tpl.rootfs)
+                timing = await self._boot(rec, policy, tpl.rootfs, reason)
             except errors.CorralError as e:
                 self._update(rec, status="stopped", reason="StartFailed", message=str(e)[:500])
                 raise
             timing.total_ms = (time.perf_counter() - t0) * 1000
             return self.info(rec, timing)
+
+    def require_hibernation(self) -> None:
+        from corral.runtimes import probe
+
+        feat = {f.name: f for f in probe.probe()}.get("hibernation")
+        if feat is None or not feat.available:
+            raise errors.RuntimeUnavailableError(
+                f"hibernation is not available on this host: {feat.detail if feat else 'no probe'}",
+                hint="use pause (in memory) or stop instead; `corral doctor` shows what hibernation needs")
+
+    async def pause(self, sandbox_id: str, to_disk: bool = False, reason: str = "Paused") -> m.SandboxInfo:
+        """Freeze every process of the sandbox: memory kept, zero CPU. to_disk=True hibernates."""
+        rec = self._record(sandbox_id)
+        if to_disk:
+            self.require_hibernation()
+        async with self._lock(sandbox_id):
+            if rec.status == "paused":
+                return self.info(rec)
+            if rec.status != "running":
+                raise errors.SandboxNotRunningError(f"sandbox {sandbox_id} is {rec.status}; only a running "
+                                                    "sandbox can be paused")
+            await self.runtime.pause(sandbox_id)
+            self._update(rec, status="paused", desired="paused", reason=reason, message="")
+        return self.info(rec)
+
+    async def resume(self, sandbox_id: str, reason: str = "Resumed") -> m.SandboxInfo:
+        rec = self._record(sandbox_id)
+        if rec.status == "stopped":
+            return await self.start(sandbox_id)
+        t0 = time.perf_counter()
+        async with self._lock(sandbox_id):
+            if rec.status == "paused":
+                await self.runtime.resume(sandbox_id)
+                self._update(rec, status="running", desired="running", reason=reason, message="")
+        self.touch(sandbox_id)
+        return self.info(rec, m.Timing(total_ms=(time.perf_counter() - t0) * 1000))
+
+    def update(self, sandbox_id: str, req: m.UpdateSandboxRequest) -> m.SandboxInfo:
+        """Extend or change timeouts while the sandbox lives; timeout_s counts from now."""
+        rec = self._record(sandbox_id)
+        policy = dict(rec.policy)
+        values: dict[str, Any] = {}
+        if req.timeout_s is not None:
+            policy["timeout_s"] = req.timeout_s
+            if rec.status in ("running", "paused"):
+                values["timeout_at"] = time.time() + req.timeout_s
+        if req.idle_timeout_s is not None:
+            policy["idle_timeout_s"] = req.idle_timeout_s
+        SandboxPolicy.model_validate(policy)
+        self._update(rec, policy=policy, **values)
+        self.touch(sandbox_id)
+        return self.info(rec)
 
     async def delete(self, sandbox_id: str) -> None:
         rec = self._record(sandbox_id)
@@ -216,7 +290,7 @@ class Service:
                 "timeout_s": req.timeout_s, "background": req.background, "tag": req.tag, "pty": req.pty}
 
     async def exec(self, sandbox_id: str, req: m.ExecRequest) -> m.ExecResult:
-        self._running(sandbox_id)
+        resume_ms = await self._running(sandbox_id)
         t0 = time.perf_counter()
         agent = self.agent(sandbox_id)
         if req.background:
@@ -224,16 +298,17 @@ class Service:
             r = await agent.request({**self._exec_req(req), "op": "exec", "stdin": True})
             if req.stdin is not None:
                 await agent.send_stdin(int(r["pid"]), req.stdin.encode(), eof=True)
-            return m.ExecResult(pid=int(r["pid"]), background=True, duration_ms=(time.perf_counter() - t0) * 1000)
+            return m.ExecResult(pid=int(r["pid"]), background=True, duration_ms=(time.perf_counter() - t0) * 1000,
+                                resume_ms=resume_ms)
         res = await agent.exec_collect(self._exec_req(req), self.settings.max_output_bytes,
                                        stdin=req.stdin.encode() if req.stdin is not None else None)
         return m.ExecResult(pid=int(res["pid"] or 0), stdout=res["stdout"].decode(errors="replace"),
                             stderr=res["stderr"].decode(errors="replace"), exit_code=res["exit_code"],
                             signal=res["signal"], timed_out=res["timed_out"], truncated_bytes=res["truncated_bytes"],
-                            duration_ms=(time.perf_counter() - t0) * 1000)
+                            duration_ms=(time.perf_counter() - t0) * 1000, resume_ms=resume_ms)
 
     async def exec_stream(self, sandbox_id: str, req: m.ExecRequest) -> tuple[AgentConnection, int]:
-        self._running(sandbox_id)
+        await self._running(sandbox_id)
         conn, start = await self.agent(sandbox_id).exec_stream(
             {**self._exec_req(req), "op": "exec", "stdin": True})
         if req.stdin:
@@ -241,26 +316,26 @@ class Service:
         return conn, int(start["pid"])
 
     async def attach(self, sandbox_id: str, pid: int) -> tuple[AgentConnection, int]:
-        self._running(sandbox_id)
+        await self._running(sandbox_id)
         conn, start = await self.agent(sandbox_id).exec_stream({"op": "attach", "pid": pid, "replay": True})
         return conn, int(start["pid"])
 
     async def processes(self, sandbox_id: str) -> m.ProcessList:
-        self._running(sandbox_id)
+        await self._running(sandbox_id)
         r = await self.agent(sandbox_id).request({"op": "processes"})
         return m.ProcessList(processes=[m.ProcessInfo.model_validate(p) for p in r.get("processes", [])])
 
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> None:
-        self._running(sandbox_id)
+        await self._running(sandbox_id)
         await self.agent(sandbox_id).request({"op": "signal", "pid": pid, "signal": sig})
 
     async def stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None:
-        self._running(sandbox_id)
+        await self._running(sandbox_id)
         await self.agent(sandbox_id).send_stdin(pid, data, eof)
 
     # ---- files -------------------------------------------------------------------------------
     async def open_read(self, sandbox_id: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
-        self._running(sandbox_id)
+        await self._running(sandbox_id)
         agent = self.agent(sandbox_id)
         limit = self.settings.max_upload_bytes
         conn, size = await agent.open_read(check_path(path), limit)
@@ -279,12 +354,12 @@ class Service:
         return size, capped()
 
     async def write(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes], mode: int = 0o644) -> m.WriteResult:
-        self._running(sandbox_id)
+        await self._running(sandbox_id)
         r = await self.agent(sandbox_id).write_file(check_path(path), chunks, mode)
         return m.WriteResult(path=str(r.get("path", path)), size=int(r.get("size", 0)))
 
     async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:
-        self._running(sandbox_id)
+        await self._running(sandbox_id)
         for k in ("path", "src", "dst"):
             if k in args:
                 check_path(args[k])
@@ -308,8 +383,13 @@ class Service:
         live = {c.sandbox_id: c for c in await self.runtime.list_containers()}
         for rec in list(self.records.values()):
             c = live.get(rec.id)
-            if rec.status in ("running", "creating"):
+            if rec.status in ("running", "paused", "creating"):
                 alive = False
+                if c is not None and c.status == "paused" and rec.status == "paused":
+                    if c.pid:
+                        self.pids[rec.id] = c.pid
+                    report["adopted"].append(rec.id)
+                    continue
                 if c is not None and c.status == "running":
                     try:
                         await self.agent(rec.id).ping(timeout_s=3)
@@ -348,15 +428,16 @@ class Service:
         return report
 
     async def tick(self) -> None:
-        """One pass of the lifecycle loop: wall-clock timeouts and sandboxes that died."""
+        """One pass of the lifecycle loop: wall-clock timeouts, idle sandboxes, sandboxes that died."""
         now = time.time()
         for rec in list(self.records.values()):
-            if rec.status != "running":
+            if rec.status not in ("running", "paused"):
                 continue
+            policy = SandboxPolicy.model_validate(rec.policy)
             if rec.timeout_at and now >= rec.timeout_at:
-                log.info("sandbox %s reached its timeout", rec.id)
-                await self.stop(rec.id, reason="Timeout", message="the sandbox reached timeout_s")
-                self.audit(None, "sandbox.timeout", rec.id, "stopped", {})
+                log.info("sandbox %s reached its timeout (%s)", rec.id, policy.on_timeout)
+                self.audit(None, "sandbox.timeout", rec.id, policy.on_timeout, {"timeout_s": policy.timeout_s})
+                await self._act(rec, policy.on_timeout, "Timeout", "the sandbox reached timeout_s")
                 continue
             pid = self.pids.get(rec.id)
             if pid and not _alive(pid):
@@ -365,6 +446,31 @@ class Service:
                 log.warning("sandbox %s died (%s)", rec.id, reason)
                 await self.stop(rec.id, reason=reason, message="the sandbox's init process exited")
                 self.audit(None, "sandbox.died", rec.id, reason, {})
+                continue
+            if rec.status == "running" and policy.idle_timeout_s:
+                cpu = self.runtime.cpu_usage_ns(rec.id)
+                last = self._cpu.get(rec.id)
+                self._cpu[rec.id] = cpu
+                # Busy means more than 1% of a core since the last pass (the agent itself uses ~0).
+                if last is not None and cpu - last > 10_000_000 * max(1.0, self.settings.reconcile_interval_s):
+                    self.activity[rec.id] = now
+                idle_since = self.activity.setdefault(rec.id, now)
+                if now - idle_since >= policy.idle_timeout_s:
+                    log.info("sandbox %s idle for %ss (%s)", rec.id, policy.idle_timeout_s, policy.on_idle)
+                    self.audit(None, "sandbox.idle", rec.id, policy.on_idle, {"idle_timeout_s": policy.idle_timeout_s})
+                    await self._act(rec, policy.on_idle, "Idle", "no API activity and no CPU use for idle_timeout_s")
+
+    async def _act(self, rec: SandboxRecord, action: str, reason: str, message: str) -> None:
+        if action == "pause" and rec.status == "running":
+            await self.pause(rec.id, reason=f"{reason}Paused")
+            if reason == "Timeout":
+                self._update(rec, timeout_at=None)
+        elif action == "hibernate":
+            await self.pause(rec.id, to_disk=True, reason=f"{reason}Hibernated")
+        elif action == "delete":
+            await self.delete(rec.id)
+        elif action == "stop" or reason == "Timeout":
+            await self.stop(rec.id, reason=reason, message=message)
 
     async def run_lifecycle(self) -> None:
         while True:
@@ -374,7 +480,7 @@ class Service:
                 log.exception("lifecycle pass failed")
             await asyncio.sleep(min(1.0, self.settings.reconcile_interval_s))
 
-    def running_count(self) -> int:
+    def running_count(self) -> int:  # paused ones are not counted
         return sum(1 for r in self.records.values() if r.status == "running")
 
 

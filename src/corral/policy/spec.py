@@ -31,7 +31,11 @@ class SandboxPolicy(BaseModel):
 
     template: str = "base"
     root: Literal["template", "host"] = "template"
-    timeout_s: int | None = Field(None, ge=1, le=365 * 86400)
+    timeout_s: int | None = Field(None, ge=1, le=365 * 86400, description="wall clock; then on_timeout")
+    idle_timeout_s: int | None = Field(None, ge=1, le=365 * 86400,
+                                       description="no API activity and no CPU use for this long; then on_idle")
+    on_idle: Literal["pause", "hibernate", "stop"] = "pause"
+    on_timeout: Literal["stop", "pause", "hibernate", "delete"] = "stop"
     resources: ResourcePolicy = Field(default_factory=lambda: ResourcePolicy())
     env: dict[str, str] = Field(default_factory=dict)
     network: Literal["none"] = "none"

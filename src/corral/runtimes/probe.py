@@ -91,12 +91,35 @@ def probe() -> list[Feature]:
     bb = shutil.which("busybox")
     f.append(Feature("template-busybox", bool(bb), "busybox builds the busybox template" if bb
                      else "apt-get install busybox-static for the busybox template"))
+    f.append(hibernation())
     runsc = shutil.which("runsc")
     f.append(Feature("gvisor", bool(runsc), "runsc found (tier not yet wired)" if runsc else "runsc not installed"))
     kvm = os.path.exists("/dev/kvm")
     f.append(Feature("microvm", False, "/dev/kvm present but the microVM tier is not implemented yet" if kvm
                      else "no /dev/kvm: microVMs unavailable"))
     return f
+
+
+CRIU_CANDIDATES = ("/opt/corral-criu/sbin/criu", "/usr/local/sbin/criu", "/usr/sbin/criu")
+
+
+def criu_binary() -> tuple[str | None, str]:
+    for path in CRIU_CANDIDATES:
+        if os.path.exists(path):
+            ver = _version(path)
+            return path, ver
+    return None, ""
+
+
+def hibernation() -> Feature:
+    path, ver = criu_binary()
+    if path is None:
+        return Feature("hibernation", False, "needs CRIU 4.x (bookworm's 3.17 fails on this kernel; "
+                                             "scripts/build-criu.sh builds trixie's 4.1.1); not found")
+    if not any(f"Version: {n}" in ver or f"criu {n}" in ver.lower() for n in ("4.", "5.")):
+        return Feature("hibernation", False, f"{path} is not CRIU 4.x ({ver.strip() or 'no version'})")
+    return Feature("hibernation", False, f"{path} ({ver.strip()}) found, but checkpointing sandboxes "
+                                         "is not implemented yet; use pause or stop")
 
 
 def runtime_name() -> str | None:

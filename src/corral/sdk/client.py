@@ -422,6 +422,22 @@ class AsyncSandbox:
         self.info = m.SandboxInfo.model_validate(await self._client.json("POST", f"/sandboxes/{self.id}/start"))
         return self.info
 
+    async def pause(self, to_disk: bool = False) -> m.SandboxInfo:
+        """Freeze the sandbox (zero CPU, memory kept); to_disk=True hibernates where the host can."""
+        self.info = m.SandboxInfo.model_validate(
+            await self._client.json("POST", f"/sandboxes/{self.id}/pause", json={"to_disk": to_disk}))
+        return self.info
+
+    async def resume(self) -> m.SandboxInfo:
+        self.info = m.SandboxInfo.model_validate(await self._client.json("POST", f"/sandboxes/{self.id}/resume"))
+        return self.info
+
+    async def set_timeout(self, timeout_s: int | None = None, idle_timeout_s: int | None = None) -> m.SandboxInfo:
+        """Extend the wall-clock timeout (counted from now) or change the idle timeout."""
+        body = {k: v for k, v in (("timeout_s", timeout_s), ("idle_timeout_s", idle_timeout_s)) if v is not None}
+        self.info = m.SandboxInfo.model_validate(await self._client.json("PATCH", f"/sandboxes/{self.id}", json=body))
+        return self.info
+
     async def kill(self) -> None:
         """Stop and delete the sandbox and its files."""
         try:

@@ -200,6 +200,15 @@ class Sandbox:
     def start(self) -> m.SandboxInfo:
         return run(self._sb.start())
 
+    def pause(self, to_disk: bool = False) -> m.SandboxInfo:
+        return run(self._sb.pause(to_disk))
+
+    def resume(self) -> m.SandboxInfo:
+        return run(self._sb.resume())
+
+    def set_timeout(self, timeout_s: int | None = None, idle_timeout_s: int | None = None) -> m.SandboxInfo:
+        return run(self._sb.set_timeout(timeout_s, idle_timeout_s))
+
     def kill(self) -> None:
         run(self._sb.kill())
 

@@ -1,0 +1,181 @@
+"""Issue 5 states: pause/resume (freezer), auto-resume on use, idle and wall-clock actions, timeout
+extension, and durability of files across every transition (content checksums before and after)."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from corral import RuntimeUnavailableError, Sandbox
+from corral.errors import SandboxNotRunningError
+from tests.conftest import Daemon, free_port, traversable_tmp
+
+
+def _wait(sb, status: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sb.refresh().status != status and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sb.info.status == status, sb.info
+
+
+def _cpu_ns(sb) -> int:
+    return int((Path("/sys/fs/cgroup/cpuacct/corral") / sb.id / "cpuacct.usage").read_text())
+
+
+def _freezer(sb) -> str:
+    return (Path("/sys/fs/cgroup/freezer/corral") / sb.id / "freezer.state").read_text().strip()
+
+
+def _checksums(sb) -> str:
+    return sb.commands.run("find /root/data -type f | sort | xargs sha256sum").stdout
+
+
+def _write_data(sb) -> dict[str, bytes]:
+    files = {f"/root/data/f{i}": secrets.token_bytes(1000 * (i + 1)) for i in range(5)}
+    for path, blob in files.items():
+        sb.files.write(path, blob)
+    return files
+
+
+def test_pause_freezes_processes_and_resume_continues_them(daemon, busybox):
+    with Sandbox.create(template=busybox) as sb:
+        files = _write_data(sb)
+        sb.commands.run("i=0; while true; do i=$((i+1)); echo $i > /root/c.tmp; mv /root/c.tmp /root/counter; done",
+                        background=True)
+        time.sleep(0.3)
+        info = sb.pause()
+        assert (info.status, info.reason) == ("paused", "Paused") and _freezer(sb) == "FROZEN"
+        before, count = _cpu_ns(sb), (daemon.data_dir / "sandboxes" / sb.id / "upper/root/counter").read_text()
+        time.sleep(1)
+        assert _cpu_ns(sb) == before  # zero CPU while paused
+        assert (daemon.data_dir / "sandboxes" / sb.id / "upper/root/counter").read_text() == count
+        assert sb.resume().status == "running" and _freezer(sb) == "THAWED"
+        time.sleep(0.3)
+        assert int(sb.files.read("/root/counter")) > int(count)  # the same process went on counting
+        for path, blob in files.items():
+            assert sb.files.read(path) == blob
+
+
+def test_any_call_on_a_paused_sandbox_resumes_it_with_the_latency_reported(daemon, busybox):
+    with Sandbox.create(template=busybox) as sb:
+        sb.pause()
+        r = sb.commands.run("echo back")
+        assert r.stdout == "back\n"
+        assert sb.refresh().status == "running" and sb.info.reason == "AutoResumed"
+        with daemon.http() as h:
+            h.post(f"/sandboxes/{sb.id}/pause")
+            res = h.post(f"/sandboxes/{sb.id}/exec", json={"cmd": "true"}).json()
+        assert 0 < res["resume_ms"] < 2000
+        sb.pause()
+        assert Sandbox.connect(sb.id).files.list("/root") is not None  # files API resumes too
+        assert sb.refresh().status == "running"
+
+
+def test_idle_sandbox_is_paused_and_busy_one_is_not(daemon, busybox):
+    idle = Sandbox.create(template=busybox, idle_timeout_s=2, on_idle="pause")
+    busy = Sandbox.create(template=busybox, idle_timeout_s=2, on_idle="stop")
+    try:
+        spinner = busy.commands.run("while true; do :; done", background=True)
+        _wait(idle, "paused")
+        assert idle.info.reason == "IdlePaused"
+        time.sleep(1)
+        assert busy.refresh().status == "running"  # CPU use counts as activity
+        spinner.kill()
+        _wait(busy, "stopped", 15)
+        assert busy.info.reason == "Idle"
+        assert busy.commands.run("echo up").stdout == "up\n"  # and it starts again on use
+    finally:
+        idle.kill()
+        busy.kill()
+
+
+def test_timeout_can_be_extended_and_can_pause_instead_of_stop(daemon, busybox):
+    with Sandbox.create(template=busybox, timeout_s=2, on_timeout="pause") as sb:
+        first = sb.info.timeout_at
+        info = sb.set_timeout(timeout_s=4)
+        assert info.timeout_at > first and info.policy.timeout_s == 4
+        time.sleep(2.5)
+        assert sb.refresh().status == "running"  # the old deadline has passed
+        _wait(sb, "paused", 10)
+        assert sb.info.reason == "TimeoutPaused"
+        time.sleep(1.5)
+        assert sb.refresh().status == "paused"  # no repeated action once paused
+
+
+def test_hibernate_without_criu_fails_with_the_reason(daemon, busybox):
+    with Sandbox.create(template=busybox) as sb:
+        with pytest.raises(RuntimeUnavailableError, match="hibernation is not available"):
+            sb.pause(to_disk=True)
+        assert sb.refresh().status == "running"
+    with pytest.raises(RuntimeUnavailableError, match="hibernation"):
+        Sandbox.create(template=busybox, idle_timeout_s=60, on_idle="hibernate")
+
+
+def test_only_a_running_sandbox_can_be_paused(daemon, busybox):
+    with Sandbox.create(template=busybox) as sb:
+        sb.stop()
+        with pytest.raises(SandboxNotRunningError):
+            sb.pause()
+
+
+@pytest.mark.parametrize("how", ["stop-start", "daemon-kill9", "host-reboot"])
+def test_files_survive_every_transition(busybox, how):
+    tmp = traversable_tmp()
+    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
+    d.start()
+    try:
+        with d.http() as h:
+            sid = h.post("/sandboxes", json={"template": "busybox"}).json()["id"]
+            for i in range(5):
+                h.put(f"/sandboxes/{sid}/files", params={"path": f"/root/data/f{i}"}, content=secrets.token_bytes(5000))
+            before = h.post(f"/sandboxes/{sid}/exec",
+                            json={"cmd": "find /root/data -type f | sort | xargs sha256sum"}).json()["stdout"]
+            h.post(f"/sandboxes/{sid}/pause")
+            h.post(f"/sandboxes/{sid}/resume")
+            if how == "stop-start":
+                h.post(f"/sandboxes/{sid}/stop")
+        if how == "daemon-kill9":
+            d.stop(signal.SIGKILL)
+            d.start()
+        elif how == "host-reboot":
+            # Everything stops as in a power cut: the daemon dies, every container is killed, mounts go.
+            d.stop(signal.SIGKILL)
+            subprocess.run(["crun", "--root", str(d.run_dir / "crun"), "kill", "--all", sid, "KILL"])
+            subprocess.run(["crun", "--root", str(d.run_dir / "crun"), "delete", "-f", sid])
+            d.start()
+        with d.http() as h:
+            after = h.post(f"/sandboxes/{sid}/exec",
+                           json={"cmd": "find /root/data -type f | sort | xargs sha256sum"}).json()
+            assert after["stdout"] == before and before.count("\n") == 5
+            assert (after["resume_ms"] > 0) == (how in ("stop-start", "host-reboot"))
+    finally:
+        d.cleanup()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_paused_sandbox_survives_a_daemon_restart(busybox):
+    tmp = traversable_tmp()
+    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
+    d.start()
+    try:
+        with d.http() as h:
+            sid = h.post("/sandboxes", json={"template": "busybox"}).json()["id"]
+            h.post(f"/sandboxes/{sid}/exec", json={"cmd": "echo 1 > /root/x"})
+            h.post(f"/sandboxes/{sid}/pause")
+        d.stop()
+        d.start()
+        with d.http() as h:
+            assert h.get(f"/sandboxes/{sid}").json()["status"] == "paused"
+            assert h.post(f"/sandboxes/{sid}/exec", json={"cmd": "cat /root/x"}).json()["stdout"] == "1\n"
+    finally:
+        d.cleanup()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
