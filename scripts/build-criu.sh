@@ -73,7 +73,7 @@ for p in "${BUILD_DEPS[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing bookworm build dependencies: ${missing[*]}"
-  apt-get install -y -qq --no-install-recommends -t "${VERSION_CODENAME:-bookworm}" "${missing[@]}" >/dev/null \
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || die "could not install build dependencies: ${missing[*]}"
 else
   step "build dependencies already installed"
@@ -105,8 +105,7 @@ if ( cd "$WORK" && apt-get source -qq criu/trixie ) >"$WORK/fetch.log" 2>&1; the
   SRCDIR=$(find "$WORK" -maxdepth 1 -mindepth 1 -type d -name 'criu-*' | head -n1)
   PATCHED="Debian source package $(basename "$WORK"/criu_*.dsc .dsc)"
 else
-  sed 's/^/build-criu:   | /' "$WORK/fetch.log"
-  step "full source package unavailable from this mirror; fetching the upstream tarball only"
+  step "apt-get source failed ($(grep -m1 '^E:' "$WORK/fetch.log" | cut -c1-160)); the mirror lacks the Debian source package, fetching the upstream tarball only"
   # ORIG_LINE: 'URI' FILE SIZE SHA256:HEX
   read -r uri file _size hash <<<"$ORIG_LINE"
   uri=${uri//\'/}

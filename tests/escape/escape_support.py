@@ -157,3 +157,11 @@ def kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def inside(daemon, sb, path: str) -> Path:  # type: ignore[no-untyped-def]
+    """A path in the sandbox's filesystem seen from the host through its init's root (no agent needed;
+    its writable layer lives on a disk mounted in the daemon's namespace only)."""
+    out = subprocess.run(["crun", "--root", str(daemon.run_dir / "crun"), "state", sb.id], capture_output=True,
+                         text=True, check=True).stdout
+    return Path(f"/proc/{json.loads(out)['pid']}/root{path}")

@@ -7,7 +7,10 @@ python3 through raw syscalls and asserts the exact errno, then that nothing chan
 
 from __future__ import annotations
 
+import json
+import subprocess
 import textwrap
+from pathlib import Path
 
 from corral.policy import defaults
 from tests.escape.escape_support import (
@@ -460,6 +463,8 @@ def test_uid_map_is_the_unprivileged_range(shared_sb, daemon):
     r = shared_sb.commands.run("cat /proc/self/uid_map /proc/self/gid_map; touch /tmp/owned-by-sandbox")
     assert [ln.split() for ln in r.stdout.splitlines()] == [["0", "100000", "65536"]] * 2
     # The same file seen from the host: owned by the unprivileged host uid, not by root.
-    upper = daemon.data_dir / "sandboxes" / shared_sb.id / "upper" / "tmp" / "owned-by-sandbox"
-    st = upper.stat()
+    # (The upper layer lives on a disk mounted in the daemon's namespace: look through the sandbox's root.)
+    state = subprocess.run(["crun", "--root", str(daemon.run_dir / "crun"), "state", shared_sb.id],
+                           capture_output=True, text=True, check=True).stdout
+    st = Path(f"/proc/{json.loads(state)['pid']}/root/tmp/owned-by-sandbox").stat()
     assert (st.st_uid, st.st_gid) == (100000, 100000)

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.escape.escape_support import kill_quietly
+from tests.escape.escape_support import inside, kill_quietly
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "freezer", "blkio", "devices", "cpuset")
@@ -95,8 +95,8 @@ def _start_bomb(sb, seconds: float):  # type: ignore[no-untyped-def]
 
 
 def _bomb_tally(daemon, sb, timeout_s: float = 20) -> dict:  # type: ignore[no-untyped-def]
-    """The bomb's tally, read on the host from the sandbox's overlay upper layer (no agent needed)."""
-    path = daemon.data_dir / "sandboxes" / sb.id / "upper" / "tmp" / "bomb.json"
+    """The bomb's tally, read on the host through the sandbox's root (no agent needed)."""
+    path = inside(daemon, sb, "/tmp/bomb.json")
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         assert time.monotonic() < deadline, "the fork bomb wrote no tally"

@@ -31,6 +31,14 @@ def _freezer(sb) -> str:
     return (Path("/sys/fs/cgroup/freezer/corral") / sb.id / "freezer.state").read_text().strip()
 
 
+def _agent_pid(daemon, sb) -> int:
+    out = subprocess.run(["crun", "--root", str(daemon.run_dir / "crun"), "state", sb.id], capture_output=True,
+                         text=True, check=True).stdout
+    import json
+
+    return int(json.loads(out)["pid"])
+
+
 def _checksums(sb) -> str:
     return sb.commands.run("find /root/data -type f | sort | xargs sha256sum").stdout
 
@@ -50,10 +58,11 @@ def test_pause_freezes_processes_and_resume_continues_them(daemon, busybox):
         time.sleep(0.3)
         info = sb.pause()
         assert (info.status, info.reason) == ("paused", "Paused") and _freezer(sb) == "FROZEN"
-        before, count = _cpu_ns(sb), (daemon.data_dir / "sandboxes" / sb.id / "upper/root/counter").read_text()
+        inside = Path(f"/proc/{_agent_pid(daemon, sb)}/root/root/counter")  # read without resuming it
+        before, count = _cpu_ns(sb), inside.read_text()
         time.sleep(1)
         assert _cpu_ns(sb) == before  # zero CPU while paused
-        assert (daemon.data_dir / "sandboxes" / sb.id / "upper/root/counter").read_text() == count
+        assert inside.read_text() == count
         assert sb.resume().status == "running" and _freezer(sb) == "THAWED"
         time.sleep(0.3)
         assert int(sb.files.read("/root/counter")) > int(count)  # the same process went on counting

@@ -56,7 +56,7 @@ def test_namespaces_ids_limits_and_filters(runtime):
 
     async def go():
         rt.prepare(sid, pol)
-        await rt.start(sid, pol, rootfs)
+        await rt.start(sid, pol, [rootfs])
         try:
             pid = rt.read_pid(sid)
             assert pid
@@ -93,13 +93,14 @@ def test_upper_layer_survives_stop_and_template_stays_pristine(runtime):
 
     async def go():
         rt.prepare(sid, pol)
-        await rt.start(sid, pol, rootfs)
+        await rt.start(sid, pol, [rootfs])
         await _exec(rt, sid, "echo kept > /etc/motd; rm /bin/vi")
         await rt.stop(sid)
         assert not rt.cgroup_dirs(sid) and not oci.is_mountpoint(str(rt.dir(sid) / "rootfs"))
-        assert (rt.dir(sid) / "upper/etc/motd").read_text() == "kept\n"
+        rt.mount_disk(sid)
+        assert (rt.upper_dir(sid) / "etc/motd").read_text() == "kept\n"
         assert Path(rootfs, "bin/vi").is_symlink() and not Path(rootfs, "etc/motd").exists()
-        await rt.start(sid, pol, rootfs)
+        await rt.start(sid, pol, [rootfs])
         r = await _exec(rt, sid, "cat /etc/motd; test -e /bin/vi && echo vi || echo no-vi")
         assert r["stdout"] == "kept\nno-vi\n"
         await rt.destroy(sid)
@@ -115,7 +116,7 @@ def test_agent_runtime_works_without_python_in_the_image(runtime):
 
     async def go():
         rt.prepare(sid, pol)
-        await rt.start(sid, pol, rootfs)
+        await rt.start(sid, pol, [rootfs])
         try:
             info = await AgentClient(rt.socket_path(sid), sid).ping()
             assert info["pid"] == 1  # the agent is the sandbox's init
@@ -135,7 +136,7 @@ def test_start_failure_is_a_clear_error_and_leaves_nothing(runtime):
     async def go():
         rt.prepare(sid, pol)
         with pytest.raises(Exception) as ei:
-            await rt.start(sid, pol, "/nonexistent-template-rootfs")
+            await rt.start(sid, pol, ["/nonexistent-template-rootfs"])
         assert "sb-kernel000004" in str(ei.value) or "overlay" in str(ei.value)
         await rt.destroy(sid)
 

@@ -166,7 +166,7 @@ class Service:
 
     async def _boot(self, rec: SandboxRecord, policy: SandboxPolicy, rootfs: str, reason: str = "Started") -> m.Timing:
         t0 = time.perf_counter()
-        await self.runtime.start(rec.id, policy, rootfs)
+        await self.runtime.start(rec.id, policy, [rootfs])
         t1 = time.perf_counter()
         try:
             await self.agent(rec.id).ping(timeout_s=AGENT_READY_TIMEOUT_S)

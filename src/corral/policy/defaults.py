@@ -6,6 +6,7 @@ from __future__ import annotations
 CPU_CORES = 1.0
 MEMORY_MIB = 1024
 PIDS_MAX = 512  # a fork bomb stops here, EAGAIN inside, host unaffected
+DISK_MIB = 10240  # the writable layer is a sparse ext4 image: filling it is ENOSPC inside only (G3)
 # In-sandbox tmpfs (/dev/shm; /tmp and /run in host mode) is charged to the sandbox's memory cgroup
 # and killing processes does not free it: each is capped at a quarter of the memory limit so that
 # filling them cannot OOM-kill the agent (ATTACKS G5).

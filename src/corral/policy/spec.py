@@ -22,6 +22,7 @@ class ResourcePolicy(BaseModel):
     cpu_cores: float = Field(defaults.CPU_CORES, ge=0.01, le=256)
     memory_mib: int = Field(defaults.MEMORY_MIB, ge=16, le=1024 * 1024)
     pids_max: int = Field(defaults.PIDS_MAX, ge=8, le=1_000_000)
+    disk_mib: int = Field(defaults.DISK_MIB, ge=64, le=16 << 20, description="size of the writable layer")
 
 
 class SandboxPolicy(BaseModel):

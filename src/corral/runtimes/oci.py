@@ -1,9 +1,10 @@
 """OCI container runtime: bundles run by crun (runc as a fallback), rootfs on overlayfs.
 
 Layout per sandbox under ``<data_dir>/sandboxes/<id>/``:
-  upper/, work/   the sandbox's own overlay layer (kept across stop/start)
-  rootfs/         the merged overlay while running (template mode) or a read-only bind of /
-  workspace/      host mode only: the writable workspace
+  disk.img        the sandbox's size-limited disk (sparse ext4), mounted at disk/ while it runs:
+    disk/upper/, disk/work/   its own overlay layer (kept across stop/start)
+    disk/workspace/           host mode only: the writable workspace
+  rootfs/         the merged overlay while running (template mode) or a tmpfs of read-only binds
   run/            host-only (0700): agent.sock, crun.log; never mounted into the sandbox
   bundle/         config.json
 """
@@ -25,6 +26,7 @@ from corral.errors import RuntimeUnavailableError
 from corral.policy import defaults
 from corral.policy.compile import SandboxPaths, compile_oci
 from corral.policy.spec import SandboxPolicy
+from corral.storage import disk
 
 _libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY = 1
@@ -127,26 +129,41 @@ class OciRuntime:
     # ---- lifecycle ---------------------------------------------------------------------------
     def prepare(self, sandbox_id: str, policy: SandboxPolicy) -> None:
         d = self.dir(sandbox_id)
-        for sub in ("upper", "work", "rootfs", "run", "bundle"):
+        for sub in ("rootfs", "run", "bundle", "disk"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o711)
         os.chmod(d / "run", 0o700)
-        os.chmod(d / "work", 0o700)
-        os.chown(d / "upper", defaults.UID_BASE, defaults.UID_BASE)
-        os.chmod(d / "upper", 0o755)
-        if policy.root == "host":
-            (d / "workspace").mkdir(exist_ok=True)
-            os.chown(d / "workspace", defaults.UID_BASE, defaults.UID_BASE)
+        if not (d / "disk.img").exists():
+            disk.create(d / "disk.img", policy.resources.disk_mib, defaults.UID_BASE)
 
-    def _mount_rootfs(self, sandbox_id: str, policy: SandboxPolicy, template_rootfs: str) -> str:
+    def upper_dir(self, sandbox_id: str) -> Path:
+        return self.dir(sandbox_id) / "disk" / "upper"
+
+    def mount_disk(self, sandbox_id: str) -> Path:
+        d = self.dir(sandbox_id)
+        disk.mount(d / "disk.img", d / "disk")
+        for sub, mode in (("upper", 0o755), ("work", 0o700), ("workspace", 0o755)):
+            p = d / "disk" / sub
+            if not p.exists():
+                p.mkdir(mode=mode)
+                if sub != "work":
+                    os.chown(p, defaults.UID_BASE, defaults.UID_BASE)
+        return d / "disk"
+
+    def disk_usage(self, sandbox_id: str) -> disk.Usage | None:
+        mnt = self.dir(sandbox_id) / "disk"
+        return disk.usage(mnt) if disk.is_mounted(mnt) else None
+
+    def _mount_rootfs(self, sandbox_id: str, policy: SandboxPolicy, lowerdirs: list[str]) -> str:
         d = self.dir(sandbox_id)
         rootfs = str(d / "rootfs")
         if is_mountpoint(rootfs):
             _umount(rootfs)
+        mnt = self.mount_disk(sandbox_id)
         if policy.root == "host":
             self._host_rootfs(rootfs)
         else:
-            opts = f"lowerdir={template_rootfs},upperdir={d / 'upper'},workdir={d / 'work'}"
+            opts = f"lowerdir={':'.join(lowerdirs)},upperdir={mnt / 'upper'},workdir={mnt / 'work'}"
             _mount("overlay", rootfs, "overlay", MS_NOSUID | MS_NODEV, opts)
         return rootfs
 
@@ -171,15 +188,16 @@ class OciRuntime:
         for d in ("proc", "sys", "dev", "run", "tmp", "workspace", ".corral/rt", ".corral/agent"):
             os.makedirs(os.path.join(rootfs, d), exist_ok=True)
 
-    async def start(self, sandbox_id: str, policy: SandboxPolicy, template_rootfs: str) -> None:
+    async def start(self, sandbox_id: str, policy: SandboxPolicy, lowerdirs: list[str]) -> None:
+        """Boot the sandbox; ``lowerdirs`` are its read-only layers, topmost first."""
         if not self.binary:
             raise RuntimeUnavailableError("no OCI runtime (crun or runc) is installed", hint="apt-get install crun")
         d = self.dir(sandbox_id)
-        rootfs = self._mount_rootfs(sandbox_id, policy, template_rootfs)
+        rootfs = self._mount_rootfs(sandbox_id, policy, lowerdirs)
         paths = SandboxPaths(
             rootfs=rootfs, agent_src=str(self.agent_src),
             agent_runtime=str(self.agent_runtime),
-            workspace=str(d / "workspace") if policy.root == "host" else None,
+            workspace=str(d / "disk" / "workspace") if policy.root == "host" else None,
             masked_dirs=(str(self.data_dir), str(self.state_dir)) if policy.root == "host" else (),
         )
         nofile = min(defaults.NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
@@ -254,6 +272,7 @@ class OciRuntime:
         rootfs = str(self.dir(sandbox_id) / "rootfs")
         if is_mountpoint(rootfs):
             _umount(rootfs)
+        disk.unmount(self.dir(sandbox_id) / "disk")
         try:
             os.unlink(self.socket_path(sandbox_id))
         except FileNotFoundError:
