@@ -25,10 +25,23 @@ say()  { echo "build-criu: $*"; }
 die()  { echo "build-criu: ERROR: $*" >&2; exit 1; }
 step() { echo "build-criu: [$(( $(date +%s) - START ))s] $*"; }
 
+# Options for criu when runc drives it (runc checkpoint/restore --criu $BIN): point runc's
+# environment at it with CRIU_CONFIG_FILE=$PREFIX/etc/criu-runc.conf. The default network lock
+# runs iptables-restore, which bookworm does not install by default; this criu is built with
+# libnftables, so lock with nftables instead.
+write_conf() {
+  [ -f "$PREFIX/etc/criu-runc.conf" ] && return 0
+  [ -w "$PREFIX" ] || return 0
+  install -d -m 0755 "$PREFIX/etc"
+  printf '%s\n' "# criu options for runc checkpoint/restore (export CRIU_CONFIG_FILE=this file)" \
+    "network-lock nftables" > "$PREFIX/etc/criu-runc.conf"
+}
+
 criu_major() { "$1" --version 2>/dev/null | sed -n 's/^Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n1; }
 
 # 0. Fast path -------------------------------------------------------------------------------------
 if [ -x "$BIN" ] && [ "$(criu_major "$BIN")" = 4 ]; then
+  write_conf
   say "already installed: $BIN ($("$BIN" --version | head -n1))"
   exit 0
 fi
@@ -98,7 +111,7 @@ if [ "${CORRAL_CRIU_KEEP_BUILD:-0}" != 1 ]; then
 fi
 URIS=$(cd "$WORK" && apt-get source --print-uris -qq criu/trixie 2>/dev/null) \
   || die "trixie's criu source is not in the apt index (apt-get update problem? see $SRC_LIST)"
-ORIG_LINE=$(printf '%s\n' "$URIS" | grep -E "\.orig\.tar\.[a-z0-9]+' " | head -n1)
+ORIG_LINE=$(printf '%s\n' "$URIS" | grep -E "\.orig\.tar\.[a-z0-9]+' " | head -n1 || true)
 [ -n "$ORIG_LINE" ] || die "no upstream tarball listed for criu/trixie: $URIS"
 step "downloading criu source from trixie into $WORK"
 if ( cd "$WORK" && apt-get source -qq criu/trixie ) >"$WORK/fetch.log" 2>&1; then
@@ -140,5 +153,6 @@ if ldd "$BIN" | grep -q 'not found'; then
 fi
 [ "$(criu_major "$BIN")" = 4 ] || die "$BIN does not report version 4.x: $("$BIN" --version 2>&1 | head -n1)"
 
-step "done: $BIN"
+write_conf
+step "done: $BIN (runc: export CRIU_CONFIG_FILE=$PREFIX/etc/criu-runc.conf)"
 "$BIN" --version

@@ -22,17 +22,19 @@ from corral.errors import (
     RuntimeUnavailableError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    SnapshotNotFoundError,
     TemplateNotFoundError,
 )
 from corral.policy.spec import ResourcePolicy, SandboxPolicy
-from corral.sdk.client import AsyncSandbox, Client, CommandResult, FileInfo
-from corral.sdk.sync import Sandbox
+from corral.sdk.client import AsyncSandbox, AsyncSnapshots, Client, CommandResult, FileInfo
+from corral.sdk.sync import Sandbox, Snapshots
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AgentError",
     "AsyncSandbox",
+    "AsyncSnapshots",
     "AuthenticationError",
     "Client",
     "CommandResult",
@@ -56,6 +58,8 @@ __all__ = [
     "SandboxNotFoundError",
     "SandboxNotRunningError",
     "SandboxPolicy",
+    "SnapshotNotFoundError",
+    "Snapshots",
     "TemplateNotFoundError",
     "__version__",
 ]

@@ -15,6 +15,7 @@ back into the same class, so callers catch the same types locally and remotely.
     ├── NotFoundError                  404  NotFound
     │   ├── SandboxNotFoundError       404  SandboxNotFound
     │   ├── TemplateNotFoundError      404  TemplateNotFound
+    │   ├── SnapshotNotFoundError      404  SnapshotNotFound
     │   ├── ProcessNotFoundError       404  ProcessNotFound
     │   └── FileNotFoundInSandboxError 404  FileNotFound
     ├── ConflictError                  409  Conflict
@@ -86,6 +87,11 @@ class SandboxNotFoundError(NotFoundError):
 class TemplateNotFoundError(NotFoundError):
     code = "TemplateNotFound"
     default_hint = "list templates with `corral template ls`; built-in ones are 'base' and 'busybox'"
+
+
+class SnapshotNotFoundError(NotFoundError):
+    code = "SnapshotNotFound"
+    default_hint = "list snapshots with `corral snapshot ls`"
 
 
 class ProcessNotFoundError(NotFoundError):

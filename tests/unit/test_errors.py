@@ -26,6 +26,7 @@ STABLE = {
     "NotFoundError": ("NotFound", 404),
     "SandboxNotFoundError": ("SandboxNotFound", 404),
     "TemplateNotFoundError": ("TemplateNotFound", 404),
+    "SnapshotNotFoundError": ("SnapshotNotFound", 404),
     "ProcessNotFoundError": ("ProcessNotFound", 404),
     "FileNotFoundInSandboxError": ("FileNotFound", 404),
     "ConflictError": ("Conflict", 409),

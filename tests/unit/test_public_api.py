@@ -12,6 +12,7 @@ from corral import errors
 PUBLIC = [
     "AgentError",
     "AsyncSandbox",
+    "AsyncSnapshots",
     "AuthenticationError",
     "Client",
     "CommandResult",
@@ -35,6 +36,8 @@ PUBLIC = [
     "SandboxNotFoundError",
     "SandboxNotRunningError",
     "SandboxPolicy",
+    "SnapshotNotFoundError",
+    "Snapshots",
     "TemplateNotFoundError",
     "__version__",
 ]

@@ -60,6 +60,28 @@ class UpdateSandboxRequest(_Model):
     idle_timeout_s: int | None = Field(None, ge=1, le=365 * 86400)
 
 
+class SnapshotCreate(_Model):
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class SnapshotInfo(_Model):
+    id: str
+    name: str | None = None
+    sandbox_id: str
+    template: str
+    parent: str | None = Field(None, description="the snapshot the sandbox itself started from")
+    created_at: float
+    files: int
+    size_bytes: int = Field(description="bytes of files in this snapshot's own layer")
+    new_bytes: int = Field(description="bytes that were not already stored when it was taken (deduplication)")
+    in_use_by: list[str] = Field(default_factory=list, description="sandboxes and snapshots that depend on it")
+    timing_ms: float | None = None
+
+
+class SnapshotList(_Model):
+    snapshots: list[SnapshotInfo]
+
+
 class SandboxList(_Model):
     sandboxes: list[SandboxInfo]
 

@@ -155,6 +155,8 @@ def cmd_template(a: argparse.Namespace) -> int:
 # ---- sandboxes ---------------------------------------------------------------------------------
 def _policy_args(a: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"template": a.template, "root": a.root}
+    if a.snapshot:
+        body["snapshot"] = a.snapshot
     for k in ("timeout_s", "on_timeout", "idle_timeout_s", "on_idle"):
         if getattr(a, k) is not None:
             body[k] = getattr(a, k)
@@ -273,6 +275,25 @@ def cmd_shell(a: argparse.Namespace) -> int:
     return int(_run(_with_client(go)))
 
 
+# ---- snapshots ---------------------------------------------------------------------------------
+def cmd_snapshot(a: argparse.Namespace) -> int:
+    if a.action == "create":
+        r = _run(_with_client(lambda cl: cl.json("POST", f"/sandboxes/{a.sandbox}/snapshots", json={"name": a.name})))
+        print(r["id"])
+        return 0
+    if a.action == "rm":
+        for ref in a.refs:
+            _run(_with_client(lambda cl, ref=ref: cl.request("DELETE", f"/snapshots/{ref}")))
+            print(ref)
+        return 0
+    r = _run(_with_client(lambda cl: cl.json("GET", "/snapshots")))
+    _table([[s["id"], clean(s["name"] or "-"), s["sandbox_id"], s["template"], str(s["files"]),
+             f"{s['size_bytes'] / 1e6:.1f} MB", f"{s['new_bytes'] / 1e6:.1f} MB", _fmt_time(s["created_at"]),
+             ",".join(s["in_use_by"]) or "-"] for s in r["snapshots"]],
+           ["id", "name", "from", "template", "files", "size", "new", "created", "in use by"])
+    return 0
+
+
 # ---- audit -------------------------------------------------------------------------------------
 def cmd_audit(a: argparse.Namespace) -> int:
     if a.target == "verify":
@@ -314,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr = sbs.add_parser("create", help="create and start a sandbox; prints its id")
     cr.add_argument("--template", default="base")
     cr.add_argument("--root", choices=["template", "host"], default="template")
+    cr.add_argument("--snapshot", help="start from this snapshot (id or name)")
     cr.add_argument("--timeout-s", type=int)
     cr.add_argument("--on-timeout", choices=["stop", "pause", "hibernate", "delete"])
     cr.add_argument("--idle-timeout-s", type=int)
@@ -356,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     b.add_argument("--force", action="store_true")
     tp.set_defaults(fn=cmd_template)
+
+    sn = sub.add_parser("snapshot", help="snapshots: create, ls, rm (fork with sandbox create --snapshot)")
+    sns = sn.add_subparsers(dest="action", required=True)
+    sc = sns.add_parser("create", help="snapshot a sandbox's files; prints the snapshot id")
+    sc.add_argument("sandbox")
+    sc.add_argument("--name")
+    sns.add_parser("ls")
+    srm = sns.add_parser("rm", help="delete (refused while a sandbox or snapshot uses it)")
+    srm.add_argument("refs", nargs="+", metavar="snapshot")
+    sn.set_defaults(fn=cmd_snapshot)
 
     au = sub.add_parser("audit", help="list the audit log (of one sandbox), or `corral audit verify`")
     au.add_argument("target", nargs="?", help="a sandbox id, or 'verify' to check the hash chain")

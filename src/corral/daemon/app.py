@@ -211,6 +211,31 @@ async def rename_file(sandbox_id: str, body: m.RenameRequest, request: Request) 
     return m.FileEntry.model_validate(r.get("entry"))
 
 
+@router.post("/sandboxes/{sandbox_id}/snapshots", response_model=m.SnapshotInfo, status_code=201,
+             name="snapshot.create")
+async def create_snapshot(sandbox_id: str, request: Request, body: m.SnapshotCreate | None = None) -> m.SnapshotInfo:
+    info = await _svc(request).snapshot(sandbox_id, body.name if body else None)
+    request.state.audit_detail = {"snapshot": info.id, "name": info.name}
+    return info
+
+
+@router.get("/snapshots", response_model=m.SnapshotList, name="snapshot.list")
+async def list_snapshots(request: Request) -> m.SnapshotList:
+    return _svc(request).list_snapshots()
+
+
+@router.get("/snapshots/{snapshot}", response_model=m.SnapshotInfo, name="snapshot.get")
+async def get_snapshot(snapshot: str, request: Request) -> m.SnapshotInfo:
+    return _svc(request).get_snapshot(snapshot)
+
+
+@router.delete("/snapshots/{snapshot}", status_code=204, name="snapshot.delete")
+async def delete_snapshot(snapshot: str, request: Request) -> Response:
+    request.state.audit_target = snapshot
+    await _svc(request).delete_snapshot(snapshot)
+    return Response(status_code=204)
+
+
 @router.get("/templates", response_model=m.TemplateList, name="template.list")
 async def list_templates(request: Request) -> m.TemplateList:
     return _svc(request).list_templates()

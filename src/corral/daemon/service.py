@@ -21,6 +21,7 @@ from corral.policy.spec import SandboxPolicy
 from corral.runtimes import images
 from corral.runtimes.agentclient import AgentClient, AgentConnection
 from corral.runtimes.oci import OciRuntime
+from corral.storage.snapshots import SnapshotStore
 
 log = logging.getLogger("corral.service")
 AGENT_READY_TIMEOUT_S = 20.0
@@ -51,6 +52,7 @@ class Service:
         self._template_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.audit: Callable[..., Any] = store.append_audit
+        self.snapshots = SnapshotStore(settings.data_dir / "snapshots")
 
     # ---- helpers -----------------------------------------------------------------------------
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -141,6 +143,9 @@ class Service:
         require_consent(policy)
         if "hibernate" in (policy.on_idle, policy.on_timeout):
             self.require_hibernation()
+        if policy.snapshot:
+            snap = self.resolve_snapshot(policy.snapshot)
+            policy = policy.model_copy(update={"snapshot": snap["id"], "template": snap["template"]})
         tpl = await self.ensure_template(policy.template, progress)
         t_tpl = time.perf_counter()
         now = time.time()
@@ -152,7 +157,7 @@ class Service:
         try:
             async with self._lock(rec.id):
                 self.runtime.prepare(rec.id, policy)
-                timing = await self._boot(rec, policy, tpl.rootfs)
+                timing = await self._boot(rec, policy, self._lowerdirs(policy, tpl.rootfs))
         except BaseException as e:
             log.warning("create %s failed: %s", rec.id, e)
             await self.runtime.destroy(rec.id)
@@ -164,9 +169,10 @@ class Service:
         timing.total_ms = (time.perf_counter() - t0) * 1000
         return self.info(rec, timing)
 
-    async def _boot(self, rec: SandboxRecord, policy: SandboxPolicy, rootfs: str, reason: str = "Started") -> m.Timing:
+    async def _boot(self, rec: SandboxRecord, policy: SandboxPolicy, lowerdirs: list[str],
+                    reason: str = "Started") -> m.Timing:
         t0 = time.perf_counter()
-        await self.runtime.start(rec.id, policy, [rootfs])
+        await self.runtime.start(rec.id, policy, lowerdirs)
         t1 = time.perf_counter()
         try:
             await self.agent(rec.id).ping(timeout_s=AGENT_READY_TIMEOUT_S)
@@ -214,7 +220,7 @@ class Service:
             self.runtime.prepare(rec.id, policy)
             t0 = time.perf_counter()
             try:
-                timing = await self._boot(rec, policy, tpl.rootfs, reason)
+                timing = await self._boot(rec, policy, self._lowerdirs(policy, tpl.rootfs), reason)
             except errors.CorralError as e:
                 self._update(rec, status="stopped", reason="StartFailed", message=str(e)[:500])
                 raise
@@ -272,6 +278,81 @@ class Service:
         self._update(rec, policy=policy, **values)
         self.touch(sandbox_id)
         return self.info(rec)
+
+    # ---- snapshots ---------------------------------------------------------------------------
+    def _snapshot_rows(self) -> dict[str, dict[str, Any]]:
+        return {r["id"]: r for r in self.store.list_snapshots()}
+
+    def resolve_snapshot(self, ref: str) -> dict[str, Any]:
+        rows = self._snapshot_rows()
+        row = rows.get(ref) or next((r for r in rows.values() if r["name"] == ref), None)
+        if row is None:
+            raise errors.SnapshotNotFoundError(f"no snapshot {ref!r}")
+        return row
+
+    def _chain(self, snapshot_id: str) -> list[str]:
+        rows, chain = self._snapshot_rows(), []
+        cur: str | None = snapshot_id
+        while cur is not None and cur in rows and cur not in chain:
+            chain.append(cur)
+            cur = rows[cur]["parent"]
+        return chain
+
+    def _lowerdirs(self, policy: SandboxPolicy, template_rootfs: str) -> list[str]:
+        layers = [str(self.snapshots.layer(s)) for s in self._chain(policy.snapshot)] if policy.snapshot else []
+        return [*layers, template_rootfs]
+
+    def _snapshot_info(self, row: dict[str, Any], timing_ms: float | None = None) -> m.SnapshotInfo:
+        users = [r.id for r in self.records.values()
+                 if r.deleted_at is None and row["id"] in self._chain(str(r.policy.get("snapshot") or ""))]
+        users += [s["id"] for s in self._snapshot_rows().values() if s["parent"] == row["id"]]
+        return m.SnapshotInfo(id=row["id"], name=row["name"], sandbox_id=row["sandbox_id"], template=row["template"],
+                              parent=row["parent"], created_at=row["created_at"], files=row["files"],
+                              size_bytes=row["size_bytes"], new_bytes=row["new_bytes"], in_use_by=users,
+                              timing_ms=timing_ms)
+
+    async def snapshot(self, sandbox_id: str, name: str | None) -> m.SnapshotInfo:
+        """Capture the sandbox's files; a running sandbox is frozen meanwhile for a consistent copy."""
+        rec = self._record(sandbox_id)
+        if name and any(r["name"] == name for r in self._snapshot_rows().values()):
+            raise errors.ConflictError(f"a snapshot named {name!r} exists", hint="pick another name or delete it")
+        snap_id = "snap-" + secrets.token_hex(6)
+        t0 = time.perf_counter()
+        async with self._lock(sandbox_id):
+            policy = SandboxPolicy.model_validate(rec.policy)
+            if policy.root == "host":
+                raise errors.InvalidRequestError("host-root sandboxes have no layer to snapshot")
+            froze = rec.status == "running"
+            if froze:
+                await self.runtime.pause(sandbox_id)
+            stopped = rec.status == "stopped"
+            try:
+                self.runtime.mount_disk(sandbox_id)
+                stats = await asyncio.to_thread(self.snapshots.capture, snap_id, self.runtime.upper_dir(sandbox_id))
+            finally:
+                if froze:
+                    await self.runtime.resume(sandbox_id)
+                if stopped:
+                    self.runtime.unmount_disk(sandbox_id)
+        row = {"id": snap_id, "name": name, "sandbox_id": sandbox_id, "template": rec.template,
+               "parent": policy.snapshot, "created_at": time.time(), "files": stats.files,
+               "size_bytes": stats.size_bytes, "new_bytes": stats.new_bytes}
+        self.store.insert_snapshot(**row)
+        return self._snapshot_info({**row, "deleted_at": None}, (time.perf_counter() - t0) * 1000)
+
+    def list_snapshots(self) -> m.SnapshotList:
+        return m.SnapshotList(snapshots=[self._snapshot_info(r) for r in self._snapshot_rows().values()])
+
+    def get_snapshot(self, ref: str) -> m.SnapshotInfo:
+        return self._snapshot_info(self.resolve_snapshot(ref))
+
+    async def delete_snapshot(self, ref: str) -> None:
+        info = self.get_snapshot(ref)
+        if info.in_use_by:
+            raise errors.ConflictError(f"snapshot {info.id} is in use by {', '.join(info.in_use_by)}",
+                                       hint="delete those sandboxes and snapshots first")
+        self.store.delete_snapshot(info.id)
+        await asyncio.to_thread(self.snapshots.remove, info.id)
 
     async def delete(self, sandbox_id: str) -> None:
         rec = self._record(sandbox_id)

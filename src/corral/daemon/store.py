@@ -62,6 +62,12 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             WHEN NEW.seq <= (SELECT COALESCE(MAX(seq), 0) FROM audit)
             BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
     ]),
+    (3, "snapshots", [
+        """CREATE TABLE snapshots (
+            id TEXT PRIMARY KEY, name TEXT UNIQUE, sandbox_id TEXT NOT NULL, template TEXT NOT NULL,
+            parent TEXT, created_at REAL NOT NULL, files INTEGER NOT NULL, size_bytes INTEGER NOT NULL,
+            new_bytes INTEGER NOT NULL, deleted_at REAL)""",
+    ]),
 ]
 
 metadata = MetaData()
@@ -74,6 +80,12 @@ sandboxes = Table(
     Column("policy", Text), Column("metadata", Text), Column("desired", String), Column("status", String),
     Column("reason", String), Column("message", Text), Column("created_at", Float), Column("started_at", Float),
     Column("stopped_at", Float), Column("timeout_at", Float), Column("deleted_at", Float), Column("owner_key", String),
+)
+snapshots = Table(
+    "snapshots", metadata, Column("id", String, primary_key=True), Column("name", String),
+    Column("sandbox_id", String), Column("template", String), Column("parent", String),
+    Column("created_at", Float), Column("files", Integer), Column("size_bytes", Integer),
+    Column("new_bytes", Integer), Column("deleted_at", Float),
 )
 audit = Table(
     "audit", metadata, Column("seq", Integer, primary_key=True), Column("ts", Float), Column("key_id", String),
@@ -203,6 +215,20 @@ class Store:
             q = q.where(sandboxes.c.deleted_at.is_(None))
         with self._tx() as c:
             return [_row_to_sandbox(r) for r in c.execute(q)]
+
+    # ---- snapshots ---------------------------------------------------------------------------
+    def insert_snapshot(self, **values: Any) -> None:
+        with self._tx() as c:
+            c.execute(insert(snapshots).values(**values))
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        with self._tx() as c:
+            rows = c.execute(select(snapshots).where(snapshots.c.deleted_at.is_(None)).order_by(snapshots.c.created_at))
+            return [dict(r._mapping) for r in rows]
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        with self._tx() as c:
+            c.execute(update(snapshots).where(snapshots.c.id == snapshot_id).values(deleted_at=time.time(), name=None))
 
     # ---- audit -------------------------------------------------------------------------------
     def append_audit(self, key_id: str | None, action: str, target: str | None, result: str,

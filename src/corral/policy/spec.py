@@ -31,6 +31,7 @@ class SandboxPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     template: str = "base"
+    snapshot: str | None = Field(None, description="start from this snapshot (id or name) instead of a bare template")
     root: Literal["template", "host"] = "template"
     timeout_s: int | None = Field(None, ge=1, le=365 * 86400, description="wall clock; then on_timeout")
     idle_timeout_s: int | None = Field(None, ge=1, le=365 * 86400,
@@ -47,6 +48,13 @@ class SandboxPolicy(BaseModel):
     def _template_name(cls, v: str) -> str:
         if not _TEMPLATE_NAME.fullmatch(v):
             raise ValueError("template names are 1-63 chars of a-z, 0-9, '.', '_' and '-'")
+        return v
+
+    @field_validator("snapshot")
+    @classmethod
+    def _snapshot_ref(cls, v: str | None) -> str | None:
+        if v is not None and not _TEMPLATE_NAME.fullmatch(v):
+            raise ValueError("snapshot references are ids (snap-…) or names of 1-63 chars of a-z, 0-9, '.', '_', '-'")
         return v
 
     @field_validator("env")

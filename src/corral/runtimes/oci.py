@@ -150,6 +150,9 @@ class OciRuntime:
                     os.chown(p, defaults.UID_BASE, defaults.UID_BASE)
         return d / "disk"
 
+    def unmount_disk(self, sandbox_id: str) -> None:
+        disk.unmount(self.dir(sandbox_id) / "disk")
+
     def disk_usage(self, sandbox_id: str) -> disk.Usage | None:
         mnt = self.dir(sandbox_id) / "disk"
         return disk.usage(mnt) if disk.is_mounted(mnt) else None
@@ -163,7 +166,10 @@ class OciRuntime:
         if policy.root == "host":
             self._host_rootfs(rootfs)
         else:
-            opts = f"lowerdir={':'.join(lowerdirs)},upperdir={mnt / 'upper'},workdir={mnt / 'work'}"
+            # No redirect_dir/metacopy: the upper layer then holds whole files and plain directories, which
+            # is what snapshots copy.
+            opts = (f"lowerdir={':'.join(lowerdirs)},upperdir={mnt / 'upper'},workdir={mnt / 'work'},"
+                    "redirect_dir=off,metacopy=off")
             _mount("overlay", rootfs, "overlay", MS_NOSUID | MS_NODEV, opts)
         return rootfs
 

@@ -387,6 +387,9 @@ class AsyncSandbox:
         """Create and start a sandbox. ``policy`` takes the other SandboxPolicy fields
         (resources, env, root, allow_weaker_isolation) and ``metadata``."""
         c = client or default_client()
+        snap = policy.pop("from_snapshot", None)
+        if snap is not None:
+            policy["snapshot"] = snap.id if isinstance(snap, m.SnapshotInfo) else str(snap)
         try:
             body = m.CreateSandboxRequest.model_validate({"template": template, "timeout_s": timeout_s, **policy})
         except pydantic.ValidationError as e:
@@ -422,6 +425,12 @@ class AsyncSandbox:
         self.info = m.SandboxInfo.model_validate(await self._client.json("POST", f"/sandboxes/{self.id}/start"))
         return self.info
 
+    async def snapshot(self, name: str | None = None) -> m.SnapshotInfo:
+        """Capture the sandbox's files (it is frozen for the moment it takes); fork with
+        ``AsyncSandbox.create(from_snapshot=snap)``."""
+        return m.SnapshotInfo.model_validate(
+            await self._client.json("POST", f"/sandboxes/{self.id}/snapshots", json={"name": name}))
+
     async def pause(self, to_disk: bool = False) -> m.SandboxInfo:
         """Freeze the sandbox (zero CPU, memory kept); to_disk=True hibernates where the host can."""
         self.info = m.SandboxInfo.model_validate(
@@ -450,6 +459,25 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.kill()
+
+
+class AsyncSnapshots:
+    """Snapshots of the daemon: list, get and delete (deletion is refused while one is in use)."""
+
+    @staticmethod
+    async def list(*, client: Client | None = None) -> list[m.SnapshotInfo]:
+        c = client or default_client()
+        return m.SnapshotList.model_validate(await c.json("GET", "/snapshots")).snapshots
+
+    @staticmethod
+    async def get(ref: str, *, client: Client | None = None) -> m.SnapshotInfo:
+        c = client or default_client()
+        return m.SnapshotInfo.model_validate(await c.json("GET", f"/snapshots/{ref}"))
+
+    @staticmethod
+    async def delete(ref: str | m.SnapshotInfo, *, client: Client | None = None) -> None:
+        c = client or default_client()
+        await c.request("DELETE", f"/snapshots/{ref.id if isinstance(ref, m.SnapshotInfo) else ref}")
 
 
 async def wait_ready(client: Client, timeout_s: float = 30.0) -> m.Health:

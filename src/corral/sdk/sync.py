@@ -200,6 +200,9 @@ class Sandbox:
     def start(self) -> m.SandboxInfo:
         return run(self._sb.start())
 
+    def snapshot(self, name: str | None = None) -> m.SnapshotInfo:
+        return run(self._sb.snapshot(name))
+
     def pause(self, to_disk: bool = False) -> m.SandboxInfo:
         return run(self._sb.pause(to_disk))
 
@@ -217,3 +220,19 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+class Snapshots:
+    """Snapshots of the daemon (sync): list, get and delete."""
+
+    @staticmethod
+    def list(*, client: c.Client | None = None) -> list[m.SnapshotInfo]:
+        return run(c.AsyncSnapshots.list(client=client))
+
+    @staticmethod
+    def get(ref: str, *, client: c.Client | None = None) -> m.SnapshotInfo:
+        return run(c.AsyncSnapshots.get(ref, client=client))
+
+    @staticmethod
+    def delete(ref: str | m.SnapshotInfo, *, client: c.Client | None = None) -> None:
+        run(c.AsyncSnapshots.delete(ref, client=client))
