@@ -24,10 +24,11 @@ from corral.errors import (
     SandboxNotRunningError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
+    VolumeNotFoundError,
 )
 from corral.policy.spec import ResourcePolicy, SandboxPolicy
-from corral.sdk.client import AsyncSandbox, AsyncSnapshots, Client, CommandResult, FileInfo
-from corral.sdk.sync import Sandbox, Snapshots
+from corral.sdk.client import AsyncSandbox, AsyncSnapshots, AsyncVolume, Client, CommandResult, FileInfo
+from corral.sdk.sync import Sandbox, Snapshots, Volume
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "AgentError",
     "AsyncSandbox",
     "AsyncSnapshots",
+    "AsyncVolume",
     "AuthenticationError",
     "Client",
     "CommandResult",
@@ -61,5 +63,7 @@ __all__ = [
     "SnapshotNotFoundError",
     "Snapshots",
     "TemplateNotFoundError",
+    "Volume",
+    "VolumeNotFoundError",
     "__version__",
 ]

@@ -16,6 +16,7 @@ back into the same class, so callers catch the same types locally and remotely.
     │   ├── SandboxNotFoundError       404  SandboxNotFound
     │   ├── TemplateNotFoundError      404  TemplateNotFound
     │   ├── SnapshotNotFoundError      404  SnapshotNotFound
+    │   ├── VolumeNotFoundError        404  VolumeNotFound
     │   ├── ProcessNotFoundError       404  ProcessNotFound
     │   └── FileNotFoundInSandboxError 404  FileNotFound
     ├── ConflictError                  409  Conflict
@@ -92,6 +93,11 @@ class TemplateNotFoundError(NotFoundError):
 class SnapshotNotFoundError(NotFoundError):
     code = "SnapshotNotFound"
     default_hint = "list snapshots with `corral snapshot ls`"
+
+
+class VolumeNotFoundError(NotFoundError):
+    code = "VolumeNotFound"
+    default_hint = "list volumes with `corral volume ls`; create one with Volume.create(name)"
 
 
 class ProcessNotFoundError(NotFoundError):

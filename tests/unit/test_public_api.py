@@ -13,6 +13,7 @@ PUBLIC = [
     "AgentError",
     "AsyncSandbox",
     "AsyncSnapshots",
+    "AsyncVolume",
     "AuthenticationError",
     "Client",
     "CommandResult",
@@ -39,6 +40,8 @@ PUBLIC = [
     "SnapshotNotFoundError",
     "Snapshots",
     "TemplateNotFoundError",
+    "Volume",
+    "VolumeNotFoundError",
     "__version__",
 ]
 

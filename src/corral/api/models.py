@@ -82,6 +82,23 @@ class SnapshotList(_Model):
     snapshots: list[SnapshotInfo]
 
 
+class VolumeCreate(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    size_mib: int = Field(1024, ge=16, le=16 << 20)
+
+
+class VolumeInfo(_Model):
+    name: str
+    size_mib: int
+    created_at: float
+    used_bytes: int | None = Field(None, description="while mounted")
+    attached_to: list[str] = Field(default_factory=list)
+
+
+class VolumeList(_Model):
+    volumes: list[VolumeInfo]
+
+
 class SandboxList(_Model):
     sandboxes: list[SandboxInfo]
 

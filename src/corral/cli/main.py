@@ -157,6 +157,10 @@ def _policy_args(a: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"template": a.template, "root": a.root}
     if a.snapshot:
         body["snapshot"] = a.snapshot
+    for spec in a.volume or []:
+        name, _, rest = spec.partition(":")
+        path, _, mode = rest.partition(":")
+        body.setdefault("volumes", {})[path] = {"name": name, "read_only": mode == "ro"}
     for k in ("timeout_s", "on_timeout", "idle_timeout_s", "on_idle"):
         if getattr(a, k) is not None:
             body[k] = getattr(a, k)
@@ -294,6 +298,24 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- volumes -----------------------------------------------------------------------------------
+def cmd_volume(a: argparse.Namespace) -> int:
+    if a.action == "create":
+        _run(_with_client(lambda cl: cl.json("POST", "/volumes", json={"name": a.name, "size_mib": a.size_mib})))
+        print(a.name)
+        return 0
+    if a.action == "rm":
+        for name in a.names:
+            _run(_with_client(lambda cl, name=name: cl.request("DELETE", f"/volumes/{name}")))
+            print(name)
+        return 0
+    r = _run(_with_client(lambda cl: cl.json("GET", "/volumes")))
+    _table([[v["name"], f"{v['size_mib']} MiB", "-" if v["used_bytes"] is None else f"{v['used_bytes'] / 1e6:.1f} MB",
+             _fmt_time(v["created_at"]), ",".join(v["attached_to"]) or "-"] for v in r["volumes"]],
+           ["name", "size", "used", "created", "attached to"])
+    return 0
+
+
 # ---- audit -------------------------------------------------------------------------------------
 def cmd_audit(a: argparse.Namespace) -> int:
     if a.target == "verify":
@@ -336,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--template", default="base")
     cr.add_argument("--root", choices=["template", "host"], default="template")
     cr.add_argument("--snapshot", help="start from this snapshot (id or name)")
+    cr.add_argument("--volume", action="append", metavar="NAME:/PATH[:ro]", help="attach a volume")
     cr.add_argument("--timeout-s", type=int)
     cr.add_argument("--on-timeout", choices=["stop", "pause", "hibernate", "delete"])
     cr.add_argument("--idle-timeout-s", type=int)
@@ -388,6 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     srm = sns.add_parser("rm", help="delete (refused while a sandbox or snapshot uses it)")
     srm.add_argument("refs", nargs="+", metavar="snapshot")
     sn.set_defaults(fn=cmd_snapshot)
+
+    vo = sub.add_parser("volume", help="named persistent volumes: create, ls, rm")
+    vos = vo.add_subparsers(dest="action", required=True)
+    vc = vos.add_parser("create")
+    vc.add_argument("name")
+    vc.add_argument("--size-mib", type=int, default=1024)
+    vos.add_parser("ls")
+    vrm = vos.add_parser("rm", help="delete a volume and its data (refused while attached)")
+    vrm.add_argument("names", nargs="+", metavar="name")
+    vo.set_defaults(fn=cmd_volume)
 
     au = sub.add_parser("audit", help="list the audit log (of one sandbox), or `corral audit verify`")
     au.add_argument("target", nargs="?", help="a sandbox id, or 'verify' to check the hash chain")

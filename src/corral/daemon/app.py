@@ -236,6 +236,29 @@ async def delete_snapshot(snapshot: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
+@router.post("/volumes", response_model=m.VolumeInfo, status_code=201, name="volume.create")
+async def create_volume(body: m.VolumeCreate, request: Request) -> m.VolumeInfo:
+    request.state.audit_target = body.name
+    return await _svc(request).create_volume(body)
+
+
+@router.get("/volumes", response_model=m.VolumeList, name="volume.list")
+async def list_volumes(request: Request) -> m.VolumeList:
+    return _svc(request).list_volumes()
+
+
+@router.get("/volumes/{name}", response_model=m.VolumeInfo, name="volume.get")
+async def get_volume(name: str, request: Request) -> m.VolumeInfo:
+    return _svc(request).get_volume(name)
+
+
+@router.delete("/volumes/{name}", status_code=204, name="volume.delete")
+async def delete_volume(name: str, request: Request) -> Response:
+    request.state.audit_target = name
+    await _svc(request).delete_volume(name)
+    return Response(status_code=204)
+
+
 @router.get("/templates", response_model=m.TemplateList, name="template.list")
 async def list_templates(request: Request) -> m.TemplateList:
     return _svc(request).list_templates()

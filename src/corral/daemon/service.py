@@ -143,6 +143,8 @@ class Service:
         require_consent(policy)
         if "hibernate" in (policy.on_idle, policy.on_timeout):
             self.require_hibernation()
+        for v in policy.volumes.values():
+            self.get_volume(v.name)
         if policy.snapshot:
             snap = self.resolve_snapshot(policy.snapshot)
             policy = policy.model_copy(update={"snapshot": snap["id"], "template": snap["template"]})
@@ -353,6 +355,38 @@ class Service:
                                        hint="delete those sandboxes and snapshots first")
         self.store.delete_snapshot(info.id)
         await asyncio.to_thread(self.snapshots.remove, info.id)
+
+    # ---- volumes -----------------------------------------------------------------------------
+    def _volume_info(self, row: dict[str, Any]) -> m.VolumeInfo:
+        usage = self.runtime.volume_usage(row["name"])
+        users = [r.id for r in self.records.values() if r.deleted_at is None
+                 and any(v.get("name") == row["name"] for v in (r.policy.get("volumes") or {}).values())]
+        return m.VolumeInfo(name=row["name"], size_mib=row["size_mib"], created_at=row["created_at"],
+                            used_bytes=usage.used_bytes if usage else None, attached_to=users)
+
+    async def create_volume(self, req: m.VolumeCreate) -> m.VolumeInfo:
+        if any(v["name"] == req.name for v in self.store.list_volumes()):
+            raise errors.ConflictError(f"a volume named {req.name!r} exists")
+        await asyncio.to_thread(self.runtime.create_volume, req.name, req.size_mib)
+        self.store.insert_volume(req.name, req.size_mib)
+        return self.get_volume(req.name)
+
+    def list_volumes(self) -> m.VolumeList:
+        return m.VolumeList(volumes=[self._volume_info(v) for v in self.store.list_volumes()])
+
+    def get_volume(self, name: str) -> m.VolumeInfo:
+        row = next((v for v in self.store.list_volumes() if v["name"] == name), None)
+        if row is None:
+            raise errors.VolumeNotFoundError(f"no volume {name!r}")
+        return self._volume_info(row)
+
+    async def delete_volume(self, name: str) -> None:
+        info = self.get_volume(name)
+        if info.attached_to:
+            raise errors.ConflictError(f"volume {name} is attached to {', '.join(info.attached_to)}",
+                                       hint="delete those sandboxes first; volumes are deleted only on request")
+        await asyncio.to_thread(self.runtime.remove_volume, name)
+        self.store.delete_volume(name)
 
     async def delete(self, sandbox_id: str) -> None:
         rec = self._record(sandbox_id)

@@ -68,6 +68,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             parent TEXT, created_at REAL NOT NULL, files INTEGER NOT NULL, size_bytes INTEGER NOT NULL,
             new_bytes INTEGER NOT NULL, deleted_at REAL)""",
     ]),
+    (4, "volumes", [
+        """CREATE TABLE volumes (
+            name TEXT PRIMARY KEY, size_mib INTEGER NOT NULL, created_at REAL NOT NULL)""",
+    ]),
 ]
 
 metadata = MetaData()
@@ -87,6 +91,8 @@ snapshots = Table(
     Column("created_at", Float), Column("files", Integer), Column("size_bytes", Integer),
     Column("new_bytes", Integer), Column("deleted_at", Float),
 )
+volumes = Table("volumes", metadata, Column("name", String, primary_key=True), Column("size_mib", Integer),
+                Column("created_at", Float))
 audit = Table(
     "audit", metadata, Column("seq", Integer, primary_key=True), Column("ts", Float), Column("key_id", String),
     Column("action", String), Column("target", String), Column("result", String), Column("detail", Text),
@@ -229,6 +235,19 @@ class Store:
     def delete_snapshot(self, snapshot_id: str) -> None:
         with self._tx() as c:
             c.execute(update(snapshots).where(snapshots.c.id == snapshot_id).values(deleted_at=time.time(), name=None))
+
+    # ---- volumes -----------------------------------------------------------------------------
+    def insert_volume(self, name: str, size_mib: int) -> None:
+        with self._tx() as c:
+            c.execute(insert(volumes).values(name=name, size_mib=size_mib, created_at=time.time()))
+
+    def list_volumes(self) -> list[dict[str, Any]]:
+        with self._tx() as c:
+            return [dict(r._mapping) for r in c.execute(select(volumes).order_by(volumes.c.name))]
+
+    def delete_volume(self, name: str) -> None:
+        with self._tx() as c:
+            c.execute(volumes.delete().where(volumes.c.name == name))
 
     # ---- audit -------------------------------------------------------------------------------
     def append_audit(self, key_id: str | None, action: str, target: str | None, result: str,

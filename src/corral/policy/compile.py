@@ -21,6 +21,7 @@ class SandboxPaths:
     agent_src: str  # the agent's source, bound read-only at /.corral/agent
     agent_runtime: str  # a self-contained Python for the agent, bound read-only at /.corral/rt
     workspace: str | None  # host mode only: bound read-write at /workspace
+    volumes: tuple[tuple[str, str, bool], ...] = ()  # (destination, host source, read_only)
     masked_dirs: tuple[str, ...] = ()  # host mode only: host dirs hidden behind an empty tmpfs
 
 
@@ -114,6 +115,8 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
         _bind(f"{AGENT_DIR}/rt", paths.agent_runtime, "ro", "nosuid", "nodev"),
         _bind(f"{AGENT_DIR}/agent", paths.agent_src, "ro", "nosuid", "nodev", "noexec"),
     ]
+    for dest, source, read_only in paths.volumes:
+        mounts.append(_bind(dest, source, "ro" if read_only else "rw", "nosuid", "nodev"))
     if policy.root == "host":
         mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                        "options": ["nosuid", "nodev", "mode=1777", f"size={tmp_mib}m"]})

@@ -25,6 +25,25 @@ class ResourcePolicy(BaseModel):
     disk_mib: int = Field(defaults.DISK_MIB, ge=64, le=16 << 20, description="size of the writable layer")
 
 
+_FORBIDDEN_MOUNTS = ("/", "/proc", "/sys", "/dev", "/.corral", "/tmp/.X11-unix")
+
+
+class VolumeMount(BaseModel):
+    """A named volume attached at a path inside the sandbox."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    read_only: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _TEMPLATE_NAME.fullmatch(v):
+            raise ValueError("volume names are 1-63 chars of a-z, 0-9, '.', '_' and '-'")
+        return v
+
+
 class SandboxPolicy(BaseModel):
     """Everything a sandbox is allowed to be. Deny is the default; weakening is spelled out."""
 
@@ -40,6 +59,7 @@ class SandboxPolicy(BaseModel):
     on_timeout: Literal["stop", "pause", "hibernate", "delete"] = "stop"
     resources: ResourcePolicy = Field(default_factory=lambda: ResourcePolicy())
     env: dict[str, str] = Field(default_factory=dict)
+    volumes: dict[str, VolumeMount] = Field(default_factory=dict, description="mount path -> volume")
     network: Literal["none"] = "none"
     allow_weaker_isolation: bool = False
 
@@ -56,6 +76,21 @@ class SandboxPolicy(BaseModel):
         if v is not None and not _TEMPLATE_NAME.fullmatch(v):
             raise ValueError("snapshot references are ids (snap-…) or names of 1-63 chars of a-z, 0-9, '.', '_', '-'")
         return v
+
+    @field_validator("volumes", mode="before")
+    @classmethod
+    def _volumes(cls, v: object) -> object:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for path, mount in v.items():
+            p = str(path)
+            if not p.startswith("/") or ".." in p.split("/") or "\x00" in p or p.rstrip("/") != p:
+                raise ValueError(f"volume mount path {p!r} must be absolute, without '..' or a trailing '/'")
+            if any(p == f or p.startswith(f + "/") for f in _FORBIDDEN_MOUNTS if f != "/") or p == "/":
+                raise ValueError(f"cannot mount a volume at {p!r}")
+            out[p] = {"name": mount} if isinstance(mount, str) else mount
+        return out
 
     @field_validator("env")
     @classmethod

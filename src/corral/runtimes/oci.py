@@ -194,6 +194,29 @@ class OciRuntime:
         for d in ("proc", "sys", "dev", "run", "tmp", "workspace", ".corral/rt", ".corral/agent"):
             os.makedirs(os.path.join(rootfs, d), exist_ok=True)
 
+    # ---- volumes -----------------------------------------------------------------------------
+    def volume_dir(self, name: str) -> Path:
+        return self.data_dir / "volumes" / name
+
+    def create_volume(self, name: str, size_mib: int) -> None:
+        d = self.volume_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o711)
+        disk.create(d / "volume.img", size_mib, defaults.UID_BASE)
+
+    def mount_volume(self, name: str) -> Path:
+        d = self.volume_dir(name)
+        disk.mount(d / "volume.img", d / "mnt")
+        return d / "mnt"
+
+    def remove_volume(self, name: str) -> None:
+        disk.unmount(self.volume_dir(name) / "mnt")
+        shutil.rmtree(self.volume_dir(name), ignore_errors=True)
+
+    def volume_usage(self, name: str) -> disk.Usage | None:
+        mnt = self.volume_dir(name) / "mnt"
+        return disk.usage(mnt) if disk.is_mounted(mnt) else None
+
     async def start(self, sandbox_id: str, policy: SandboxPolicy, lowerdirs: list[str]) -> None:
         """Boot the sandbox; ``lowerdirs`` are its read-only layers, topmost first."""
         if not self.binary:
@@ -205,6 +228,7 @@ class OciRuntime:
             agent_runtime=str(self.agent_runtime),
             workspace=str(d / "disk" / "workspace") if policy.root == "host" else None,
             masked_dirs=(str(self.data_dir), str(self.state_dir)) if policy.root == "host" else (),
+            volumes=tuple((dest, str(self.mount_volume(v.name)), v.read_only) for dest, v in policy.volumes.items()),
         )
         nofile = min(defaults.NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         plan = compile_oci(sandbox_id, policy, paths, nofile=nofile)

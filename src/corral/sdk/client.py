@@ -387,6 +387,9 @@ class AsyncSandbox:
         """Create and start a sandbox. ``policy`` takes the other SandboxPolicy fields
         (resources, env, root, allow_weaker_isolation) and ``metadata``."""
         c = client or default_client()
+        vols = policy.get("volumes")
+        if isinstance(vols, dict):
+            policy["volumes"] = {p: ({"name": v.name} if isinstance(v, m.VolumeInfo) else v) for p, v in vols.items()}
         snap = policy.pop("from_snapshot", None)
         if snap is not None:
             policy["snapshot"] = snap.id if isinstance(snap, m.SnapshotInfo) else str(snap)
@@ -478,6 +481,30 @@ class AsyncSnapshots:
     async def delete(ref: str | m.SnapshotInfo, *, client: Client | None = None) -> None:
         c = client or default_client()
         await c.request("DELETE", f"/snapshots/{ref.id if isinstance(ref, m.SnapshotInfo) else ref}")
+
+
+class AsyncVolume:
+    """Named persistent volumes: attach with ``AsyncSandbox.create(volumes={"/cache": vol})``."""
+
+    @staticmethod
+    async def create(name: str, size_mib: int = 1024, *, client: Client | None = None) -> m.VolumeInfo:
+        c = client or default_client()
+        return m.VolumeInfo.model_validate(await c.json("POST", "/volumes", json={"name": name, "size_mib": size_mib}))
+
+    @staticmethod
+    async def list(*, client: Client | None = None) -> list[m.VolumeInfo]:
+        c = client or default_client()
+        return m.VolumeList.model_validate(await c.json("GET", "/volumes")).volumes
+
+    @staticmethod
+    async def get(name: str, *, client: Client | None = None) -> m.VolumeInfo:
+        c = client or default_client()
+        return m.VolumeInfo.model_validate(await c.json("GET", f"/volumes/{name}"))
+
+    @staticmethod
+    async def delete(name: str | m.VolumeInfo, *, client: Client | None = None) -> None:
+        c = client or default_client()
+        await c.request("DELETE", f"/volumes/{name.name if isinstance(name, m.VolumeInfo) else name}")
 
 
 async def wait_ready(client: Client, timeout_s: float = 30.0) -> m.Health:

@@ -236,3 +236,23 @@ class Snapshots:
     @staticmethod
     def delete(ref: str | m.SnapshotInfo, *, client: c.Client | None = None) -> None:
         run(c.AsyncSnapshots.delete(ref, client=client))
+
+
+class Volume:
+    """Named persistent volumes (sync): ``vol = Volume.create("cache")``; ``Sandbox.create(volumes={"/cache": vol})``."""
+
+    @staticmethod
+    def create(name: str, size_mib: int = 1024, *, client: c.Client | None = None) -> m.VolumeInfo:
+        return run(c.AsyncVolume.create(name, size_mib, client=client))
+
+    @staticmethod
+    def list(*, client: c.Client | None = None) -> list[m.VolumeInfo]:
+        return run(c.AsyncVolume.list(client=client))
+
+    @staticmethod
+    def get(name: str, *, client: c.Client | None = None) -> m.VolumeInfo:
+        return run(c.AsyncVolume.get(name, client=client))
+
+    @staticmethod
+    def delete(name: str | m.VolumeInfo, *, client: c.Client | None = None) -> None:
+        run(c.AsyncVolume.delete(name, client=client))
