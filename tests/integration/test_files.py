@@ -156,5 +156,5 @@ def test_symlink_swap_race_during_uploads_never_writes_outside(sb):
     finally:
         p.kill()
     assert not list(Path("/root").glob(f"{marker}-*"))  # the host's /root is untouched
-    landed = sb.commands.run(f"ls /workspace/d /root | grep -c {marker} || true").stdout.strip()
+    landed = sb.commands.run(f"find /workspace /root -name '{marker}-*' | wc -l").stdout.strip()
     assert int(landed) > 0  # the writes went somewhere inside the sandbox
