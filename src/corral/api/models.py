@@ -99,6 +99,12 @@ class VolumeList(_Model):
     volumes: list[VolumeInfo]
 
 
+class ImportResult(_Model):
+    kind: Literal["sandbox", "snapshot"]
+    snapshots: list[SnapshotInfo] = Field(description="one per layer, bottom first; the last is the top")
+    sandbox: SandboxInfo | None = Field(None, description="for a sandbox backup: a stopped sandbox with its policy")
+
+
 class SandboxList(_Model):
     sandboxes: list[SandboxInfo]
 

@@ -316,6 +316,41 @@ def cmd_volume(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- backups -----------------------------------------------------------------------------------
+def cmd_backup(a: argparse.Namespace) -> int:
+    if a.action == "export":
+        route = f"/sandboxes/{a.ref}/backup" if a.ref.startswith("sb-") else f"/snapshots/{a.ref}/backup"
+
+        async def download(cl: c.Client) -> int:
+            size = 0
+            async with cl.stream("GET", route) as r:
+                with open(a.file + ".part", "wb") as f:
+                    async for chunk in r.aiter_bytes(1 << 20):
+                        f.write(chunk)
+                        size += len(chunk)
+            os.replace(a.file + ".part", a.file)
+            return size
+
+        size = _run(_with_client(download))
+        print(f"{a.file} ({size / 1e6:.1f} MB)")
+        return 0
+
+    async def upload(cl: c.Client) -> Any:
+        async def chunks() -> Any:
+            with open(a.file, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return await cl.json("POST", "/backups", content=chunks(), headers={"content-type": "application/gzip"})
+
+    r = _run(_with_client(upload))
+    if r.get("sandbox"):
+        print(r["sandbox"]["id"])
+    else:
+        print(r["snapshots"][-1]["id"])
+    return 0
+
+
 # ---- audit -------------------------------------------------------------------------------------
 def cmd_audit(a: argparse.Namespace) -> int:
     if a.target == "verify":
@@ -421,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     vrm = vos.add_parser("rm", help="delete a volume and its data (refused while attached)")
     vrm.add_argument("names", nargs="+", metavar="name")
     vo.set_defaults(fn=cmd_volume)
+
+    bk = sub.add_parser("backup", help="export a sandbox or snapshot to an archive, or import one")
+    bks = bk.add_subparsers(dest="action", required=True)
+    be = bks.add_parser("export")
+    be.add_argument("ref", help="sb-… or a snapshot id/name")
+    be.add_argument("file")
+    bi = bks.add_parser("import", help="prints the new (stopped) sandbox's id, or the top snapshot's")
+    bi.add_argument("file")
+    bk.set_defaults(fn=cmd_backup)
 
     au = sub.add_parser("audit", help="list the audit log (of one sandbox), or `corral audit verify`")
     au.add_argument("target", nargs="?", help="a sandbox id, or 'verify' to check the hash chain")

@@ -14,8 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -257,6 +258,46 @@ async def delete_volume(name: str, request: Request) -> Response:
     request.state.audit_target = name
     await _svc(request).delete_volume(name)
     return Response(status_code=204)
+
+
+@router.get("/sandboxes/{sandbox_id}/backup", name="backup.export_sandbox",
+            responses={200: {"content": {"application/gzip": {}}}})
+async def export_sandbox(sandbox_id: str, request: Request) -> FileResponse:
+    path = await _svc(request).export_backup(m.check_sandbox_id(sandbox_id))
+    return FileResponse(path, media_type="application/gzip", filename=f"{sandbox_id}.tar.gz",
+                        background=BackgroundTask(path.unlink, missing_ok=True))
+
+
+@router.get("/snapshots/{snapshot}/backup", name="backup.export_snapshot",
+            responses={200: {"content": {"application/gzip": {}}}})
+async def export_snapshot(snapshot: str, request: Request) -> FileResponse:
+    request.state.audit_target = snapshot
+    path = await _svc(request).export_backup(snapshot)
+    return FileResponse(path, media_type="application/gzip", filename=f"{snapshot}.tar.gz",
+                        background=BackgroundTask(path.unlink, missing_ok=True))
+
+
+@router.post("/backups", response_model=m.ImportResult, status_code=201, name="backup.import",
+             openapi_extra={"requestBody": {"content": {"application/gzip": {}}, "required": True}})
+async def import_backup(request: Request) -> m.ImportResult:
+    svc = _svc(request)
+    limit = svc.settings.max_upload_bytes
+    path = svc._tmp().with_suffix(".upload")
+    try:
+        seen = 0
+        with open(path, "wb") as f:
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    raise errors.PayloadTooLargeError(f"the archive exceeds the upload limit of {limit} bytes")
+                f.write(chunk)
+        result = await svc.import_backup(path)
+    finally:
+        path.unlink(missing_ok=True)
+    request.state.audit_detail = {"kind": result.kind, "snapshots": [s.id for s in result.snapshots]}
+    if result.sandbox:
+        request.state.audit_target = result.sandbox.id
+    return result
 
 
 @router.get("/templates", response_model=m.TemplateList, name="template.list")

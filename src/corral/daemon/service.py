@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from corral import errors
@@ -21,6 +23,7 @@ from corral.policy.spec import SandboxPolicy
 from corral.runtimes import images
 from corral.runtimes.agentclient import AgentClient, AgentConnection
 from corral.runtimes.oci import OciRuntime
+from corral.storage import backup
 from corral.storage.snapshots import SnapshotStore
 
 log = logging.getLogger("corral.service")
@@ -387,6 +390,95 @@ class Service:
                                        hint="delete those sandboxes first; volumes are deleted only on request")
         await asyncio.to_thread(self.runtime.remove_volume, name)
         self.store.delete_volume(name)
+
+    # ---- backups -----------------------------------------------------------------------------
+    def _tmp(self) -> Path:
+        d = self.settings.data_dir / "tmp"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d / f"{secrets.token_hex(8)}"
+
+    async def export_backup(self, ref: str) -> Path:
+        """Write a backup archive of a sandbox (sb-…) or a snapshot to a temp file; the caller deletes it."""
+        out = self._tmp().with_suffix(".tar.gz")
+        temp_layer: str | None = None
+        if ref.startswith("sb-"):
+            rec = self._record(ref)
+            policy = SandboxPolicy.model_validate(rec.policy)
+            if policy.root == "host":
+                raise errors.InvalidRequestError("host-root sandboxes have no layer to back up")
+            temp_layer = "tmp-" + secrets.token_hex(6)
+            async with self._lock(ref):
+                froze = rec.status == "running"
+                if froze:
+                    await self.runtime.pause(ref)
+                try:
+                    self.runtime.mount_disk(ref)
+                    await asyncio.to_thread(self.snapshots.capture, temp_layer, self.runtime.upper_dir(ref))
+                finally:
+                    if froze:
+                        await self.runtime.resume(ref)
+                    if rec.status == "stopped":
+                        self.runtime.unmount_disk(ref)
+            chain = (self._chain(policy.snapshot) if policy.snapshot else [])
+            layers = [self.snapshots.layer(s) for s in reversed(chain)] + [self.snapshots.layer(temp_layer)]
+            meta: dict[str, Any] = {"kind": "sandbox", "source": ref, "template": rec.template,
+                                    "policy": {**rec.policy, "snapshot": None}, "metadata": rec.metadata}
+        else:
+            row = self.resolve_snapshot(ref)
+            layers = [self.snapshots.layer(s) for s in reversed(self._chain(row["id"]))]
+            meta = {"kind": "snapshot", "source": row["id"], "template": row["template"], "policy": None,
+                    "metadata": {}}
+        try:
+            with open(out, "wb") as f:
+                await asyncio.to_thread(backup.export, f, layers, meta)
+        finally:
+            if temp_layer:
+                await asyncio.to_thread(self.snapshots.remove, temp_layer)
+        return out
+
+    async def import_backup(self, archive: Path) -> m.ImportResult:
+        staging = self._tmp()
+        try:
+            with open(archive, "rb") as f:
+                meta, layers = await asyncio.to_thread(backup.import_archive, f, staging)
+            template = str(meta.get("template"))
+            if template not in images.BUILTIN_TEMPLATES and self.templates.get(template) is None:
+                raise errors.TemplateNotFoundError(f"the backup needs template {template!r}, unknown here")
+            policy: SandboxPolicy | None = None
+            if meta.get("kind") == "sandbox":
+                try:
+                    policy = SandboxPolicy.model_validate({**(meta.get("policy") or {}), "template": template})
+                except ValueError as e:
+                    raise errors.InvalidRequestError(f"the backup's policy is not valid here: {e}") from None
+                for v in policy.volumes.values():
+                    self.get_volume(v.name)
+            snaps: list[m.SnapshotInfo] = []
+            parent: str | None = None
+            for layer in layers:
+                snap_id = "snap-" + secrets.token_hex(6)
+                stats = await asyncio.to_thread(self.snapshots.capture, snap_id, layer)
+                row = {"id": snap_id, "name": None, "sandbox_id": str(meta.get("source", ""))[:64],
+                       "template": template, "parent": parent, "created_at": time.time(), "files": stats.files,
+                       "size_bytes": stats.size_bytes, "new_bytes": stats.new_bytes}
+                self.store.insert_snapshot(**row)
+                snaps.append(self._snapshot_info({**row, "deleted_at": None}))
+                parent = snap_id
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+        sandbox = None
+        if policy is not None:
+            policy = policy.model_copy(update={"snapshot": parent})
+            raw_md = meta.get("metadata")
+            md: dict[str, Any] = raw_md if isinstance(raw_md, dict) else {}
+            rec = SandboxRecord(id=new_sandbox_id(), template=template, policy=policy.model_dump(mode="json"),
+                                metadata={str(k)[:64]: str(v)[:256] for k, v in list(md.items())[:64]},
+                                desired="stopped", status="stopped", reason="Imported",
+                                message=f"imported from a backup of {str(meta.get('source'))[:64]}",
+                                created_at=time.time())
+            self.store.insert_sandbox(rec)
+            self.records[rec.id] = rec
+            sandbox = self.info(rec)
+        return m.ImportResult(kind="sandbox" if sandbox else "snapshot", snapshots=snaps, sandbox=sandbox)
 
     async def delete(self, sandbox_id: str) -> None:
         rec = self._record(sandbox_id)
