@@ -56,6 +56,7 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self.audit: Callable[..., Any] = store.append_audit
         self.snapshots = SnapshotStore(settings.data_dir / "snapshots")
+        self._snaps: dict[str, dict[str, Any]] | None = None  # cache of the snapshots table
 
     # ---- helpers -----------------------------------------------------------------------------
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -286,7 +287,9 @@ class Service:
 
     # ---- snapshots ---------------------------------------------------------------------------
     def _snapshot_rows(self) -> dict[str, dict[str, Any]]:
-        return {r["id"]: r for r in self.store.list_snapshots()}
+        if self._snaps is None:
+            self._snaps = {r["id"]: r for r in self.store.list_snapshots()}
+        return self._snaps
 
     def resolve_snapshot(self, ref: str) -> dict[str, Any]:
         rows = self._snapshot_rows()
@@ -333,7 +336,8 @@ class Service:
             stopped = rec.status == "stopped"
             try:
                 self.runtime.mount_disk(sandbox_id)
-                stats = await asyncio.to_thread(self.snapshots.capture, snap_id, self.runtime.upper_dir(sandbox_id))
+                stats = await asyncio.to_thread(self.snapshots.capture, snap_id, self.runtime.upper_dir(sandbox_id),
+                                                self.runtime.dir(sandbox_id) / "snapshot-cache.json")
             finally:
                 if froze:
                     await self.runtime.resume(sandbox_id)
@@ -343,6 +347,7 @@ class Service:
                "parent": policy.snapshot, "created_at": time.time(), "files": stats.files,
                "size_bytes": stats.size_bytes, "new_bytes": stats.new_bytes}
         self.store.insert_snapshot(**row)
+        self._snaps = None
         return self._snapshot_info({**row, "deleted_at": None}, (time.perf_counter() - t0) * 1000)
 
     def list_snapshots(self) -> m.SnapshotList:
@@ -357,6 +362,7 @@ class Service:
             raise errors.ConflictError(f"snapshot {info.id} is in use by {', '.join(info.in_use_by)}",
                                        hint="delete those sandboxes and snapshots first")
         self.store.delete_snapshot(info.id)
+        self._snaps = None
         await asyncio.to_thread(self.snapshots.remove, info.id)
 
     # ---- volumes -----------------------------------------------------------------------------
@@ -461,6 +467,7 @@ class Service:
                        "template": template, "parent": parent, "created_at": time.time(), "files": stats.files,
                        "size_bytes": stats.size_bytes, "new_bytes": stats.new_bytes}
                 self.store.insert_snapshot(**row)
+                self._snaps = None
                 snaps.append(self._snapshot_info({**row, "deleted_at": None}))
                 parent = snap_id
         finally:

@@ -11,12 +11,16 @@ character devices) and opaque directories (``trusted.overlay.opaque``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 OPAQUE = "trusted.overlay.opaque"
 CHUNK = 1 << 20
@@ -31,13 +35,6 @@ class LayerStats:
 
 def _blob_key(digest: str, st: os.stat_result) -> str:
     return f"{digest}-{stat.S_IMODE(st.st_mode):o}-{st.st_uid}-{st.st_gid}"
-
-
-def _hash_fd(fd: int) -> str:
-    h = hashlib.sha256()
-    while chunk := os.read(fd, CHUNK):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -58,14 +55,19 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
 class SnapshotStore:
     def __init__(self, root: Path):
         self.root = root
+        self._lock = threading.Lock()
         self.blobs = root / "blobs"
         self.layers = root / "layers"
 
     def layer(self, snapshot_id: str) -> Path:
         return self.layers / snapshot_id
 
-    def capture(self, snapshot_id: str, upper: Path) -> LayerStats:
-        """Copy ``upper`` into a new layer, storing each file's content once. The caller freezes the sandbox."""
+    def capture(self, snapshot_id: str, upper: Path, cache: Path | None = None) -> LayerStats:
+        """Copy ``upper`` into a new layer, storing each file's content once. The caller freezes the sandbox.
+
+        ``cache`` remembers each file's blob by inode, size, mtime and ctime, so a file unchanged since the
+        sandbox's previous snapshot is linked without being read again (unchanged files cost nothing).
+        """
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.layers.mkdir(parents=True, exist_ok=True)
         tmp = self.layers / f".tmp-{snapshot_id}"
@@ -73,6 +75,14 @@ class SnapshotStore:
         tmp.mkdir()
         stats = LayerStats()
         dirs: list[tuple[Path, os.stat_result]] = []
+        files: list[tuple[str, Path, Path, os.stat_result]] = []
+        known: dict[str, list[Any]] = {}
+        if cache is not None:
+            try:
+                known = json.loads(cache.read_text())
+            except (OSError, ValueError):
+                known = {}
+        seen: dict[str, list[Any]] = {}
         try:
             for rel, st in _walk(upper):
                 src, dst = upper / rel, tmp / rel
@@ -86,7 +96,7 @@ class SnapshotStore:
                         pass
                     dirs.append((dst, st))
                 elif stat.S_ISREG(mode):
-                    self._store_file(src, dst, st, stats)
+                    files.append((rel, src, dst, st))
                 elif stat.S_ISLNK(mode):
                     os.symlink(os.readlink(src), dst)
                     os.lchown(dst, st.st_uid, st.st_gid)
@@ -97,6 +107,24 @@ class SnapshotStore:
                     os.mkfifo(dst, stat.S_IMODE(mode))
                     os.lchown(dst, st.st_uid, st.st_gid)
                 # sockets and other devices cannot be made by a sandbox and are not kept
+            todo = []
+            for rel, src, dst, st in files:
+                ident = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+                hit = known.get(rel)
+                if hit is not None and hit[:4] == ident and (self.blobs / hit[4][:2] / hit[4]).exists():
+                    os.link(self.blobs / hit[4][:2] / hit[4], dst)
+                    stats.files += 1
+                    stats.size_bytes += st.st_size
+                    seen[rel] = hit
+                else:
+                    todo.append((rel, src, dst, st, ident))
+            # Two workers: hashing (OpenSSL, GIL released) is the bottleneck, not the disk.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                for rel, key, ident in pool.map(lambda t: (t[0], self._store_file(t[1], t[2], t[3], stats), t[4]),
+                                                todo):
+                    seen[rel] = [*ident, key]
+            if cache is not None:
+                cache.write_text(json.dumps(seen))
             for d, st in reversed(dirs):  # children first: setting modes last keeps dirs writable meanwhile
                 os.chown(d, st.st_uid, st.st_gid)
                 os.chmod(d, stat.S_IMODE(st.st_mode))
@@ -108,31 +136,36 @@ class SnapshotStore:
             raise
         return stats
 
-    def _store_file(self, src: Path, dst: Path, st: os.stat_result, stats: LayerStats) -> None:
+    def _store_file(self, src: Path, dst: Path, st: os.stat_result, stats: LayerStats) -> str:
+        # One pass: hash while copying into a staging blob (as fast as cp); drop it if the content is known.
+        part = self.blobs / f".part-{os.getpid()}-{threading.get_ident()}"
+        h = hashlib.sha256()
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            digest = _hash_fd(fd)
-            key = _blob_key(digest, st)
-            blob = self.blobs / key[:2] / key
-            if not blob.exists():
+            with open(part, "wb") as out:
+                while chunk := os.read(fd, CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            os.close(fd)
+        key = _blob_key(h.hexdigest(), st)
+        blob = self.blobs / key[:2] / key
+        with self._lock:
+            if blob.exists():
+                part.unlink()
+            else:
                 blob.parent.mkdir(exist_ok=True)
-                part = blob.with_name(blob.name + f".part-{os.getpid()}")
-                os.lseek(fd, 0, os.SEEK_SET)
-                with open(part, "wb") as out:
-                    while chunk := os.read(fd, CHUNK):
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
                 os.chown(part, st.st_uid, st.st_gid)
                 os.chmod(part, stat.S_IMODE(st.st_mode))
                 os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
                 os.replace(part, blob)
                 stats.new_bytes += st.st_size
-        finally:
-            os.close(fd)
-        os.link(blob, dst)
-        stats.files += 1
-        stats.size_bytes += st.st_size
+            os.link(blob, dst)
+            stats.files += 1
+            stats.size_bytes += st.st_size
+        return key
 
     def remove(self, snapshot_id: str) -> int:
         """Delete a layer and every blob no other layer links to; returns the bytes freed."""
