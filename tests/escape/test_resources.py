@@ -154,7 +154,7 @@ def test_agent_survives_a_fork_bomb_and_the_bomb_can_be_killed(daemon, base):
         bomb = _start_bomb(sb, 2)
         _bomb_tally(daemon, sb)
         pids_dir = CGROUP_ROOT / "pids" / "corral" / sb.id
-        assert int((pids_dir / "pids.current").read_text()) == 64
+        assert int((pids_dir / "pids.current").read_text()) >= 60  # full, give or take exiting tasks
         # With every pid taken, the agent must still answer and be able to stop the bomb: the
         # bomb's processes share its process group, which the agent signals.
         listed = {p.pid: p.running for p in sb.commands.list()}
