@@ -9,7 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-APT_PACKAGES=(crun runc debootstrap busybox-static iproute2 procps file ca-certificates)
+APT_PACKAGES=(crun runc debootstrap busybox-static iproute2 procps file ca-certificates e2fsprogs util-linux
+              nftables)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,6 +19,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "corral: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Hibernation (pause to disk) needs CRIU 4.x, built from Debian trixie's source (about 30 s, once).
+if ! bash scripts/build-criu.sh; then
+  echo "corral: WARNING: CRIU could not be built; hibernation will be unavailable (see corral doctor)" >&2
 fi
 
 PY=""

@@ -62,7 +62,7 @@ def test_cli_flow(env):
     assert "paused" in corral(env, "sandbox", "ls").stdout
     corral(env, "sandbox", "resume", sid)
     r = corral(env, "sandbox", "pause", sid, "--to-disk", check=False)
-    assert r.returncode != 0 and "hibernation is not available" in r.stderr
+    assert r.returncode != 0 and "hibernatable" in r.stderr
     audit = corral(env, "audit", sid).stdout
     assert "sandbox.create" in audit and "sandbox.stop" in audit
     assert corral(env, "audit", "verify").stdout.startswith("OK")

@@ -114,6 +114,9 @@ def test_fork_bomb_stops_at_pids_max_and_the_host_stays_responsive(daemon, base)
         assert (pids_dir / "pids.max").read_text().strip() == "64"
         # A would-be survivor: double fork + setsid + nohup, reparented away from its command.
         sb.commands.run(f"(setsid nohup bash -c 'exec -a {token} sleep 1000' >/dev/null 2>&1 &) ; true")
+        deadline = time.monotonic() + 10  # it runs in the background: give it a moment to exec
+        while not _host_pids_with(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(_host_pids_with(token)) == 1
         _start_bomb(sb, 4)
         # Meanwhile, on the host: fork+exec and the daemon's API stay fast. Nothing here talks to

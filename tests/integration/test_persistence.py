@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from corral import RuntimeUnavailableError, Sandbox
+from corral import PolicyRejectedError, Sandbox
 from corral.errors import SandboxNotRunningError
-from tests.conftest import Daemon, free_port, traversable_tmp
+from tests.conftest import Daemon, free_port, require, traversable_tmp
 
 
 def _wait(sb, status: str, timeout_s: float = 20) -> None:
@@ -116,13 +116,67 @@ def test_timeout_can_be_extended_and_can_pause_instead_of_stop(daemon, busybox):
         assert sb.refresh().status == "paused"  # no repeated action once paused
 
 
-def test_hibernate_without_criu_fails_with_the_reason(daemon, busybox):
+def test_hibernate_needs_a_hibernatable_sandbox(daemon, busybox):
     with Sandbox.create(template=busybox) as sb:
-        with pytest.raises(RuntimeUnavailableError, match="hibernation is not available"):
+        with pytest.raises(PolicyRejectedError, match="hibernatable"):
             sb.pause(to_disk=True)
         assert sb.refresh().status == "running"
-    with pytest.raises(RuntimeUnavailableError, match="hibernation"):
-        Sandbox.create(template=busybox, idle_timeout_s=60, on_idle="hibernate")
+
+
+def test_hibernate_checkpoints_processes_to_disk_and_restores_them(daemon, busybox):
+    require("hibernation")
+    with Sandbox.create(template=busybox, hibernatable=True) as sb:
+        files = _write_data(sb)
+        sb.commands.run("i=0; while true; do i=$((i+1)); echo $i > /root/c.tmp; mv /root/c.tmp /root/counter; "
+                        "sleep 0.01; done", background=True, tag="counter")
+        time.sleep(0.5)
+        info = sb.pause(to_disk=True)
+        assert (info.status, info.reason) == ("hibernated", "Hibernated")
+        assert not list(Path("/sys/fs/cgroup/memory/corral").glob(sb.id))  # no process, memory freed
+        ck = daemon.data_dir / "sandboxes" / sb.id / "checkpoint" / "img"
+        assert any(ck.glob("pages-*.img"))
+        r = sb.commands.run("cat /root/counter")  # auto-restore
+        count = int(r.stdout)
+        assert count > 10 and sb.refresh().reason == "AutoResumed"
+        time.sleep(0.3)
+        assert int(sb.files.read("/root/counter")) > count  # the same loop goes on counting
+        assert [p.tag for p in sb.commands.list() if p.running] == ["counter"]  # the agent kept its table
+        assert sb.commands.run("cat /sys/class/net/lo/operstate").stdout == "unknown\n"  # loopback is up
+        for path, blob in files.items():
+            assert sb.files.read(path) == blob
+        sb.pause(to_disk=True)
+        assert sb.resume().reason == "Restored"
+        sb.pause(to_disk=True)
+        sb.stop()  # a hibernated sandbox can be stopped: its checkpoint goes, its files stay
+        assert not ck.parent.exists() and sb.refresh().status == "stopped"
+        assert sb.files.read("/root/data/f0") == files["/root/data/f0"]
+
+
+def test_idle_hibernate_and_a_daemon_restart_while_hibernated(busybox):
+    require("hibernation")
+    tmp = traversable_tmp()
+    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
+    d.start()
+    try:
+        with d.http() as h:
+            sid = h.post("/sandboxes", json={"template": "busybox", "idle_timeout_s": 1,
+                                             "on_idle": "hibernate"}).json()["id"]
+            h.post(f"/sandboxes/{sid}/exec", json={"cmd": "echo state > /root/s; sleep 1000", "background": True})
+            deadline = time.monotonic() + 20
+            while h.get(f"/sandboxes/{sid}").json()["status"] != "hibernated" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert h.get(f"/sandboxes/{sid}").json()["reason"] == "IdleHibernated"
+        d.stop(signal.SIGKILL)
+        d.start()
+        with d.http() as h:
+            assert h.get(f"/sandboxes/{sid}").json()["status"] == "hibernated"
+            r = h.post(f"/sandboxes/{sid}/exec", json={"cmd": "cat /root/s; ps | grep -c '[s]leep 1000'"}).json()
+            assert r["stdout"] == "state\n1\n" and r["resume_ms"] > 0
+    finally:
+        d.cleanup()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_only_a_running_sandbox_can_be_paused(daemon, busybox):

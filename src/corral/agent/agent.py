@@ -40,7 +40,7 @@ LISTEN_FD = 3
 REPLAY_BYTES = 4 << 20  # per stream, for re-attaching to a background process
 DRAIN_AFTER_EXIT_S = 0.2  # a command's orphaned children may keep its pipes open
 KEEP_FINISHED = 256
-_AGENT_ENV_DROP = ("PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "CORRAL_SANDBOX_ID")
+_AGENT_ENV_DROP = ("PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "CORRAL_SANDBOX_ID", "CORRAL_AGENT_LISTEN")
 LOCK = threading.Lock()  # guards every Proc and the process table
 HARDENED = threading.Event()
 
@@ -495,6 +495,13 @@ class Agent:
         except OSError:  # the reader went away
             pass
 
+    def op_dumpable(self, req: dict[str, Any], conn: Conn) -> None:
+        """Around a CRIU checkpoint: a non-dumpable agent restored by CRIU cannot be checkpointed again
+        (its mm then belongs to the host's user namespace), so the daemon lifts the flag just before a
+        dump and sets it again right after the restore."""
+        _set_dumpable(bool(req.get("value")))
+        conn.send_json({"ok": True})
+
     def op_processes(self, req: dict[str, Any], conn: Conn) -> None:
         with LOCK:
             procs = [p.info() for p in self.procs.values()]
@@ -700,15 +707,20 @@ def _make_ctty() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _set_dumpable(value: bool) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, int(value), 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 4
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+
+
 def _harden() -> None:
     """Off the start-up path (ctypes costs ~3 ms); spawn() waits for it."""
     # Not dumpable: other processes in the sandbox (same uid) cannot open /proc/1/fd/*,
     # /proc/1/environ or /proc/1/mem.
     try:
-        import ctypes
-
-        if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 4
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+        _set_dumpable(False)
     except Exception as e:
         print(f"corral-agent: cannot clear dumpable, refusing to run commands: {e}", file=sys.stderr)
         os._exit(1)  # fail closed: the daemon sees the sandbox die
@@ -724,7 +736,20 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)  # PID 1 stops only when the runtime kills it
     agent = Agent()
-    sock = socket.socket(fileno=LISTEN_FD)
+    listen_path = os.environ.get("CORRAL_AGENT_LISTEN")
+    if listen_path:
+        # Hibernatable sandboxes: the agent owns its listener (CRIU can checkpoint a socket made in the
+        # sandbox's own network namespace, not one inherited from the host).
+        try:
+            os.unlink(listen_path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(listen_path)
+        os.chmod(listen_path, 0o600)
+        sock.listen(128)
+    else:
+        sock = socket.socket(fileno=LISTEN_FD)
     sock.setblocking(True)
     threading.Thread(target=agent.reaper, name="reaper", daemon=True).start()
     threading.Thread(target=agent.io_loop, name="io", daemon=True).start()

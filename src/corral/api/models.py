@@ -35,7 +35,7 @@ class SandboxInfo(_Model):
     id: str
     template: str
     desired: Literal["running", "paused", "stopped"]
-    status: Literal["creating", "running", "paused", "stopped", "error"]
+    status: Literal["creating", "running", "paused", "hibernated", "stopped", "error"]
     reason: str = Field(description="stable CamelCase reason for the status, e.g. Started, Timeout, OOMKilled")
     message: str = ""
     created_at: float

@@ -82,7 +82,7 @@ class Service:
         if rec.status == "running":
             return 0.0
         t0 = time.perf_counter()
-        if rec.status == "paused":
+        if rec.status in ("paused", "hibernated"):
             await self.resume(sandbox_id, reason="AutoResumed")
         elif rec.status == "stopped":
             await self.start(sandbox_id, reason="AutoStarted")
@@ -149,6 +149,8 @@ class Service:
             self.require_hibernation()
         for v in policy.volumes.values():
             self.get_volume(v.name)
+        if policy.hibernatable:
+            self.require_hibernation()
         if policy.snapshot:
             snap = self.resolve_snapshot(policy.snapshot)
             policy = policy.model_copy(update={"snapshot": snap["id"], "template": snap["template"]})
@@ -206,7 +208,8 @@ class Service:
                    desired: str = "stopped") -> m.SandboxInfo:
         rec = self._record(sandbox_id)
         async with self._lock(sandbox_id):
-            if rec.status in ("running", "paused", "creating", "error") or self.runtime.dir(sandbox_id).exists():
+            if rec.status in ("running", "paused", "hibernated", "creating", "error") or \
+                    self.runtime.dir(sandbox_id).exists():
                 await self.runtime.stop(sandbox_id)
             self.pids.pop(sandbox_id, None)
             if rec.status != "stopped" or rec.desired != desired:
@@ -247,15 +250,33 @@ class Service:
         rec = self._record(sandbox_id)
         if to_disk:
             self.require_hibernation()
+            if not SandboxPolicy.model_validate(rec.policy).hibernatable:
+                raise errors.PolicyRejectedError(
+                    f"sandbox {sandbox_id} was not created hibernatable",
+                    hint="create it with hibernatable=true (or on_idle='hibernate'); pause() keeps it in memory")
+        t0 = time.perf_counter()
         async with self._lock(sandbox_id):
-            if rec.status == "paused":
+            if rec.status == "hibernated" or (rec.status == "paused" and not to_disk):
                 return self.info(rec)
-            if rec.status != "running":
+            if rec.status not in ("running", "paused"):
                 raise errors.SandboxNotRunningError(f"sandbox {sandbox_id} is {rec.status}; only a running "
                                                     "sandbox can be paused")
-            await self.runtime.pause(sandbox_id)
-            self._update(rec, status="paused", desired="paused", reason=reason, message="")
-        return self.info(rec)
+            if to_disk:
+                if rec.status == "paused":
+                    await self.runtime.resume(sandbox_id)
+                await self.agent(sandbox_id).request({"op": "dumpable", "value": True})
+                try:
+                    await self.runtime.checkpoint(sandbox_id)
+                except BaseException:
+                    await self.agent(sandbox_id).request({"op": "dumpable", "value": False})
+                    raise
+                self.pids.pop(sandbox_id, None)
+                self._update(rec, status="hibernated", desired="paused", reason=reason.replace("Paused", "Hibernated")
+                             if reason != "Paused" else "Hibernated", message="processes checkpointed to disk")
+            else:
+                await self.runtime.pause(sandbox_id)
+                self._update(rec, status="paused", desired="paused", reason=reason, message="")
+        return self.info(rec, m.Timing(total_ms=(time.perf_counter() - t0) * 1000))
 
     async def resume(self, sandbox_id: str, reason: str = "Resumed") -> m.SandboxInfo:
         rec = self._record(sandbox_id)
@@ -266,6 +287,17 @@ class Service:
             if rec.status == "paused":
                 await self.runtime.resume(sandbox_id)
                 self._update(rec, status="running", desired="running", reason=reason, message="")
+            elif rec.status == "hibernated":
+                policy = SandboxPolicy.model_validate(rec.policy)
+                tpl = await self.ensure_template(policy.template)
+                await self.runtime.restore(sandbox_id, policy, self._lowerdirs(policy, tpl.rootfs))
+                await self.agent(sandbox_id).ping(timeout_s=AGENT_READY_TIMEOUT_S)
+                await self.agent(sandbox_id).request({"op": "dumpable", "value": False})
+                pid = self.runtime.read_pid(sandbox_id)
+                if pid:
+                    self.pids[sandbox_id] = pid
+                self._update(rec, status="running", desired="running", reason=reason.replace("Resumed", "Restored")
+                             if reason == "Resumed" else reason, message="")
         self.touch(sandbox_id)
         return self.info(rec, m.Timing(total_ms=(time.perf_counter() - t0) * 1000))
 
@@ -597,6 +629,11 @@ class Service:
         live = {c.sandbox_id: c for c in await self.runtime.list_containers()}
         for rec in list(self.records.values()):
             c = live.get(rec.id)
+            if rec.status == "hibernated":
+                if c is not None:  # a checkpoint leaves no container; one here is stale
+                    await self.runtime.stop(rec.id)
+                report["adopted"].append(rec.id)
+                continue
             if rec.status in ("running", "paused", "creating"):
                 alive = False
                 if c is not None and c.status == "paused" and rec.status == "paused":
@@ -645,13 +682,15 @@ class Service:
         """One pass of the lifecycle loop: wall-clock timeouts, idle sandboxes, sandboxes that died."""
         now = time.time()
         for rec in list(self.records.values()):
-            if rec.status not in ("running", "paused"):
+            if rec.status not in ("running", "paused", "hibernated"):
                 continue
             policy = SandboxPolicy.model_validate(rec.policy)
             if rec.timeout_at and now >= rec.timeout_at:
                 log.info("sandbox %s reached its timeout (%s)", rec.id, policy.on_timeout)
                 self.audit(None, "sandbox.timeout", rec.id, policy.on_timeout, {"timeout_s": policy.timeout_s})
                 await self._act(rec, policy.on_timeout, "Timeout", "the sandbox reached timeout_s")
+                continue
+            if rec.status == "hibernated":
                 continue
             pid = self.pids.get(rec.id)
             if pid and not _alive(pid):
@@ -679,8 +718,10 @@ class Service:
             await self.pause(rec.id, reason=f"{reason}Paused")
             if reason == "Timeout":
                 self._update(rec, timeout_at=None)
-        elif action == "hibernate":
+        elif action == "hibernate" and rec.status in ("running", "paused"):
             await self.pause(rec.id, to_disk=True, reason=f"{reason}Hibernated")
+            if reason == "Timeout":
+                self._update(rec, timeout_at=None)
         elif action == "delete":
             await self.delete(rec.id)
         elif action == "stop" or reason == "Timeout":

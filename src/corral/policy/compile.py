@@ -22,6 +22,7 @@ class SandboxPaths:
     agent_runtime: str  # a self-contained Python for the agent, bound read-only at /.corral/rt
     workspace: str | None  # host mode only: bound read-write at /workspace
     volumes: tuple[tuple[str, str, bool], ...] = ()  # (destination, host source, read_only)
+    agent_sock_dir: str | None = None  # hibernatable sandboxes: the agent's own socket dir, at /.corral/sock
     masked_dirs: tuple[str, ...] = ()  # host mode only: host dirs hidden behind an empty tmpfs
 
 
@@ -115,6 +116,9 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
         _bind(f"{AGENT_DIR}/rt", paths.agent_runtime, "ro", "nosuid", "nodev"),
         _bind(f"{AGENT_DIR}/agent", paths.agent_src, "ro", "nosuid", "nodev", "noexec"),
     ]
+    if paths.agent_sock_dir:
+        mounts.append(_bind(f"{AGENT_DIR}/sock", paths.agent_sock_dir, "rw", "nosuid", "nodev", "noexec"))
+        env["CORRAL_AGENT_LISTEN"] = f"{AGENT_DIR}/sock/agent.sock"
     for dest, source, read_only in paths.volumes:
         mounts.append(_bind(dest, source, "ro" if read_only else "rw", "nosuid", "nodev"))
     if policy.root == "host":

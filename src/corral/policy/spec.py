@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from corral.policy import defaults
 
@@ -57,6 +57,8 @@ class SandboxPolicy(BaseModel):
                                        description="no API activity and no CPU use for this long; then on_idle")
     on_idle: Literal["pause", "hibernate", "stop"] = "pause"
     on_timeout: Literal["stop", "pause", "hibernate", "delete"] = "stop"
+    hibernatable: bool = Field(False, description="can be hibernated (pause to disk): runs on runc + CRIU, "
+                                                  "~20 ms slower to start; implied by on_idle/on_timeout=hibernate")
     resources: ResourcePolicy = Field(default_factory=lambda: ResourcePolicy())
     env: dict[str, str] = Field(default_factory=dict)
     volumes: dict[str, VolumeMount] = Field(default_factory=dict, description="mount path -> volume")
@@ -69,6 +71,13 @@ class SandboxPolicy(BaseModel):
         if not _TEMPLATE_NAME.fullmatch(v):
             raise ValueError("template names are 1-63 chars of a-z, 0-9, '.', '_' and '-'")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implied(cls, data: object) -> object:
+        if isinstance(data, dict) and "hibernate" in (data.get("on_idle"), data.get("on_timeout")):
+            data = {**data, "hibernatable": True}
+        return data
 
     @field_validator("snapshot")
     @classmethod

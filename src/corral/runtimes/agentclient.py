@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import stat
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -73,13 +75,30 @@ class AgentClient:
         self.socket_path = socket_path
         self.sandbox_id = sandbox_id
 
-    async def connect(self, timeout_s: float = 10.0) -> AgentConnection:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.socket_path, limit=P.MAX_FRAME + 64), timeout_s)
-        except (TimeoutError, OSError) as e:
-            raise errors.SandboxNotRunningError(f"sandbox {self.sandbox_id} is not answering ({e})") from None
-        return AgentConnection(reader, writer)
+    async def connect(self, timeout_s: float = 10.0, wait: bool = False) -> AgentConnection:
+        """Connect to the agent. The socket's directory may be writable by the sandbox (hibernatable
+        sandboxes), so the path is opened O_PATH without following links and must be a socket: a link
+        planted there cannot point the daemon at another socket on the host."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            fd = -1
+            try:
+                fd = os.open(self.socket_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    raise errors.AgentError(f"sandbox {self.sandbox_id}: the agent's socket is not a socket")
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(f"/proc/self/fd/{fd}", limit=P.MAX_FRAME + 64),
+                    max(0.01, deadline - loop.time()))
+                return AgentConnection(reader, writer)
+            except (TimeoutError, OSError) as e:
+                if wait and loop.time() < deadline and isinstance(e, FileNotFoundError | ConnectionRefusedError):
+                    await asyncio.sleep(0.002)
+                    continue
+                raise errors.SandboxNotRunningError(f"sandbox {self.sandbox_id} is not answering ({e})") from None
+            finally:
+                if fd >= 0:
+                    os.close(fd)
 
     async def request(self, req: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
         conn = await self.connect()
@@ -92,7 +111,15 @@ class AgentClient:
             conn.close()
 
     async def ping(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        return await self.request({"op": "ping"}, timeout_s)
+        """Wait for the agent to listen (up to timeout_s) and answer."""
+        conn = await self.connect(timeout_s, wait=True)
+        try:
+            await conn.send_json({"op": "ping"})
+            return await asyncio.wait_for(conn.reply(), timeout_s)
+        except TimeoutError:
+            raise errors.AgentError(f"the agent did not answer ping in {timeout_s}s") from None
+        finally:
+            conn.close()
 
     async def exec_collect(self, req: dict[str, Any], max_output_bytes: int,
                            stdin: bytes | None = None) -> dict[str, Any]:

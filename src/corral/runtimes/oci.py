@@ -26,6 +26,7 @@ from corral.errors import RuntimeUnavailableError
 from corral.policy import defaults
 from corral.policy.compile import SandboxPaths, compile_oci
 from corral.policy.spec import SandboxPolicy
+from corral.runtimes.probe import criu_binary
 from corral.storage import disk
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -115,16 +116,30 @@ class OciRuntime:
         self.agent_runtime = agent_runtime
         self.binary = binary or find_oci_runtime() or ""
         self.sandboxes = data_dir / "sandboxes"
+        # Hibernatable sandboxes run on runc, which can drive CRIU (crun 1.8 is built without it).
+        self.runc = shutil.which("runc")
+        self.criu = criu_binary()[0]
 
     # ---- paths -------------------------------------------------------------------------------
     def dir(self, sandbox_id: str) -> Path:
         return self.sandboxes / sandbox_id
 
+    def hibernatable(self, sandbox_id: str) -> bool:
+        return (self.dir(sandbox_id) / "run" / "engine").exists()
+
     def socket_path(self, sandbox_id: str) -> str:
+        if self.hibernatable(sandbox_id):
+            return str(self.dir(sandbox_id) / "sock" / "agent.sock")
         return str(self.dir(sandbox_id) / "run" / "agent.sock")
 
-    def _cmd(self, *args: str) -> list[str]:
-        return [self.binary, "--root", str(self.state_dir), *args]
+    def _engine(self, sandbox_id: str | None) -> tuple[str, Path]:
+        if sandbox_id is not None and self.hibernatable(sandbox_id) and self.runc:
+            return self.runc, self.state_dir.parent / "runc"
+        return self.binary, self.state_dir
+
+    def _cmd(self, *args: str, sandbox_id: str | None = None) -> list[str]:
+        binary, root = self._engine(sandbox_id)
+        return [binary, "--root", str(root), *args]
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def prepare(self, sandbox_id: str, policy: SandboxPolicy) -> None:
@@ -222,6 +237,16 @@ class OciRuntime:
         if not self.binary:
             raise RuntimeUnavailableError("no OCI runtime (crun or runc) is installed", hint="apt-get install crun")
         d = self.dir(sandbox_id)
+        if policy.hibernatable:
+            if not (self.runc and self.criu):
+                raise RuntimeUnavailableError("this sandbox is hibernatable, which needs runc and CRIU 4.x",
+                                              hint="run scripts/build-criu.sh; `corral doctor` shows hibernation")
+            (d / "run" / "engine").write_text("runc\n")
+            (d / "sock").mkdir(exist_ok=True)
+            os.chown(d / "sock", defaults.UID_BASE, defaults.UID_BASE)
+            os.chmod(d / "sock", 0o700)
+        else:
+            (d / "run" / "engine").unlink(missing_ok=True)
         rootfs = self._mount_rootfs(sandbox_id, policy, lowerdirs)
         paths = SandboxPaths(
             rootfs=rootfs, agent_src=str(self.agent_src),
@@ -229,10 +254,15 @@ class OciRuntime:
             workspace=str(d / "disk" / "workspace") if policy.root == "host" else None,
             masked_dirs=(str(self.data_dir), str(self.state_dir)) if policy.root == "host" else (),
             volumes=tuple((dest, str(self.mount_volume(v.name)), v.read_only) for dest, v in policy.volumes.items()),
+            agent_sock_dir=str(d / "sock") if policy.hibernatable else None,
         )
         nofile = min(defaults.NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         plan = compile_oci(sandbox_id, policy, paths, nofile=nofile)
         (d / "bundle" / "config.json").write_text(json.dumps(plan.config))
+        if policy.hibernatable:
+            await self._spawn(sandbox_id, "run", "-d", "--pid-file", str(d / "run" / "pid"), "-b", str(d / "bundle"),
+                              sandbox_id)
+            return
         sock_path = self.socket_path(sandbox_id)
         try:
             os.unlink(sock_path)
@@ -266,9 +296,68 @@ class OciRuntime:
             await self.stop(sandbox_id)
             raise RuntimeUnavailableError(f"the OCI runtime could not start sandbox {sandbox_id}: {' | '.join(tail)}")
 
-    async def _run(self, *args: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(*self._cmd(*args), stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.STDOUT)
+    async def _spawn(self, sandbox_id: str, *args: str) -> None:
+        """Run the engine with the sandbox's stdio on /dev/null (CRIU cannot carry host files), errors to a log."""
+        d = self.dir(sandbox_id)
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+               "CRIU_CONFIG_FILE": str(self.criu_config())}
+        proc = await asyncio.create_subprocess_exec(
+            *self._cmd("--criu", self.criu or "criu", *args, sandbox_id=sandbox_id), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env, cwd=str(d / "bundle"))
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            (d / "run" / "crun.log").write_bytes(err)
+            tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+            raise RuntimeUnavailableError(f"runc {args[0]} failed for sandbox {sandbox_id}: {tail}")
+
+    def criu_config(self) -> Path:
+        # iptables is not installed here; nftables locks the network while CRIU dumps.
+        p = self.data_dir / "criu.conf"
+        if not p.exists():
+            p.write_text("network-lock nftables\n")
+        return p
+
+    def checkpoint_dir(self, sandbox_id: str) -> Path:
+        return self.dir(sandbox_id) / "checkpoint"
+
+    async def checkpoint(self, sandbox_id: str) -> None:
+        """Hibernate: dump every process to disk with CRIU (the container is gone afterwards)."""
+        ck = self.checkpoint_dir(sandbox_id)
+        shutil.rmtree(ck, ignore_errors=True)
+        ck.mkdir(mode=0o700)
+        (ck / "img").mkdir(mode=0o711)  # CRIU restores as the sandbox's uid and must reach the images
+        (ck / "work").mkdir(mode=0o700)
+        await self._spawn(sandbox_id, "checkpoint", "--image-path", str(ck / "img"), "--work-path", str(ck / "work"),
+                          sandbox_id)
+        self.remove_cgroups(sandbox_id)
+        rootfs = str(self.dir(sandbox_id) / "rootfs")
+        if is_mountpoint(rootfs):
+            _umount(rootfs)
+        disk.unmount(self.dir(sandbox_id) / "disk")
+
+    async def restore(self, sandbox_id: str, policy: SandboxPolicy, lowerdirs: list[str]) -> None:
+        d = self.dir(sandbox_id)
+        ck = self.checkpoint_dir(sandbox_id)
+        self._mount_rootfs(sandbox_id, policy, lowerdirs)
+        for v in policy.volumes.values():
+            self.mount_volume(v.name)
+        (ck / "restore-work").mkdir(mode=0o700, exist_ok=True)
+        await self._spawn(sandbox_id, "restore", "-d", "--image-path", str(ck / "img"), "--work-path",
+                          str(ck / "restore-work"), "--pid-file", str(d / "run" / "pid"), "-b", str(d / "bundle"),
+                          sandbox_id)
+        shutil.rmtree(ck, ignore_errors=True)
+        # The restored network namespace comes back with loopback down; bring it up from outside (the
+        # sandbox itself has no CAP_NET_ADMIN).
+        pid = self.read_pid(sandbox_id)
+        if pid:
+            proc = await asyncio.create_subprocess_exec("nsenter", "-t", str(pid), "-n", "ip", "link", "set", "lo", "up",
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            await proc.wait()
+
+    async def _run(self, *args: str, sandbox_id: str | None = None) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(*self._cmd(*args, sandbox_id=sandbox_id),
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         out, _ = await proc.communicate()
         return proc.returncode or 0, out.decode(errors="replace")
 
@@ -285,7 +374,7 @@ class OciRuntime:
                 if state.read_text().strip() == "FROZEN":
                     return
                 await asyncio.sleep(0.001)
-        rc, out = await self._run("pause", sandbox_id)
+        rc, out = await self._run("pause", sandbox_id, sandbox_id=sandbox_id)
         if rc != 0:
             raise RuntimeUnavailableError(f"could not pause sandbox {sandbox_id}: {out.strip()[-300:]}")
 
@@ -294,7 +383,7 @@ class OciRuntime:
         if state is not None:
             state.write_text("THAWED")
             return
-        rc, out = await self._run("resume", sandbox_id)
+        rc, out = await self._run("resume", sandbox_id, sandbox_id=sandbox_id)
         if rc != 0:
             raise RuntimeUnavailableError(f"could not resume sandbox {sandbox_id}: {out.strip()[-300:]}")
 
@@ -306,13 +395,15 @@ class OciRuntime:
 
     async def stop(self, sandbox_id: str) -> None:
         """Kill every process of the sandbox and release its runtime state; keep its files."""
-        await self._run("resume", sandbox_id)  # frozen tasks do not die until thawed
-        await self._run("kill", "--all", sandbox_id, "KILL")
-        rc, out = await self._run("delete", "--force", sandbox_id)
+        sid = sandbox_id
+        await self._run("resume", sid, sandbox_id=sid)  # frozen tasks do not die until thawed
+        await self._run("kill", "--all", sid, "KILL", sandbox_id=sid)
+        rc, out = await self._run("delete", "--force", sid, sandbox_id=sid)
         if rc != 0 and "does not exist" not in out and "not exist" not in out:
             # The cgroup may still hold exiting processes for a moment.
             await asyncio.sleep(0.05)
-            await self._run("delete", "--force", sandbox_id)
+            await self._run("delete", "--force", sid, sandbox_id=sid)
+        shutil.rmtree(self.checkpoint_dir(sid), ignore_errors=True)
         self.remove_cgroups(sandbox_id)
         rootfs = str(self.dir(sandbox_id) / "rootfs")
         if is_mountpoint(rootfs):
@@ -328,7 +419,7 @@ class OciRuntime:
         shutil.rmtree(self.dir(sandbox_id), ignore_errors=True)
 
     async def state(self, sandbox_id: str) -> RunningInfo | None:
-        rc, out = await self._run("state", sandbox_id)
+        rc, out = await self._run("state", sandbox_id, sandbox_id=sandbox_id)
         if rc != 0:
             return None
         try:
@@ -338,14 +429,19 @@ class OciRuntime:
         return RunningInfo(sandbox_id, str(data.get("status")), data.get("pid"))
 
     async def list_containers(self) -> list[RunningInfo]:
-        rc, out = await self._run("list", "--format", "json")
-        if rc != 0:
-            return []
-        try:
-            data = json.loads(out or "[]") or []
-        except ValueError:
-            return []
-        return [RunningInfo(c["id"], c.get("status", ""), c.get("pid")) for c in data]
+        out_all: list[RunningInfo] = []
+        engines = [(self.binary, self.state_dir)] + ([(self.runc, self.state_dir.parent / "runc")] if self.runc else [])
+        for binary, root in engines:
+            proc = await asyncio.create_subprocess_exec(binary, "--root", str(root), "list", "--format", "json",
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            out, _ = await proc.communicate()
+            try:
+                data = json.loads(out or b"[]") or []
+            except ValueError:
+                continue
+            out_all += [RunningInfo(c["id"], c.get("status", ""), c.get("pid")) for c in data]
+        return out_all
 
     def read_pid(self, sandbox_id: str) -> int | None:
         try:

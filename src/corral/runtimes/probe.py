@@ -118,8 +118,10 @@ def hibernation() -> Feature:
                                              "scripts/build-criu.sh builds trixie's 4.1.1); not found")
     if not any(f"Version: {n}" in ver or f"criu {n}" in ver.lower() for n in ("4.", "5.")):
         return Feature("hibernation", False, f"{path} is not CRIU 4.x ({ver.strip() or 'no version'})")
-    return Feature("hibernation", False, f"{path} ({ver.strip()}) found, but checkpointing sandboxes "
-                                         "is not implemented yet; use pause or stop")
+    if not shutil.which("runc"):
+        return Feature("hibernation", False, f"{path} found, but hibernatable sandboxes run on runc: apt-get install runc")
+    return Feature("hibernation", True, f"CRIU {ver.strip().removeprefix('Version: ')} at {path}, driven by runc; "
+                                        "sandboxes created with hibernatable=true can pause(to_disk=True)")
 
 
 def runtime_name() -> str | None:
