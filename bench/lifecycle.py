@@ -4,6 +4,7 @@
   pause -> resume -> first output    sb.pause(); sb.resume(); sb.commands.run("echo hi")
   auto-resume exec                   sb.pause(); sb.commands.run("echo hi")   (one call resumes and runs)
   stop -> start -> first output      sb.stop(); sb.start(); sb.commands.run("echo hi")
+  hibernate; restore -> first output sb.pause(to_disk=True); sb.commands.run("echo hi") (CRIU via runc)
   snapshot, 100 MiB changed          sb.snapshot() of a sandbox with 100 MiB written, vs `cp -a` of the
                                      same files on the host (same disk), and a second snapshot with
                                      nothing changed
@@ -48,6 +49,12 @@ def timeit(fn: Callable[[], object], runs: int, setup: Callable[[], object] | No
     return out
 
 
+def _timed(fn: Callable[..., object], *args: object) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50)
@@ -74,6 +81,13 @@ def main() -> int:
         res["auto_resume_exec"] = stats(timeit(echo, a.runs, setup=sb.pause))
         res["stop_start_first_output"] = stats(timeit(lambda: (sb.start(), echo()), max(10, a.runs // 5),
                                                       setup=sb.stop))
+        hb = Sandbox.create(template=a.template, hibernatable=True)
+        hecho = lambda s=hb: s.commands.run("echo hi")  # noqa: E731
+        hib: list[float] = []
+        res["hibernate_restore_first_output"] = stats(timeit(hecho, max(10, a.runs // 5),
+                                                             setup=lambda: hib.append(_timed(hb.pause, True))))
+        res["hibernate"] = stats(hib)
+        hb.kill()
         # 100 MiB of changed files (10 x 10 MiB, incompressible), then snapshot vs cp -a of the same files.
         sb.commands.run("mkdir -p /root/big && for i in 0 1 2 3 4 5 6 7 8 9; do "
                         "head -c 10485760 /dev/urandom > /root/big/f$i; done")

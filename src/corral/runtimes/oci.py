@@ -149,7 +149,7 @@ class OciRuntime:
         os.chmod(d, 0o711)
         os.chmod(d / "run", 0o700)
         if not (d / "disk.img").exists():
-            disk.create(d / "disk.img", policy.resources.disk_mib, defaults.UID_BASE)
+            disk.create(d / "disk.img", policy.resources.disk_mib, defaults.UID_BASE, self.data_dir / "disk-blanks")
 
     def upper_dir(self, sandbox_id: str) -> Path:
         return self.dir(sandbox_id) / "disk" / "upper"
