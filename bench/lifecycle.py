@@ -30,23 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def stats(xs: list[float]) -> dict[str, float]:
-    s = sorted(xs)
-    return {"p50_ms": statistics.median(s) * 1000, "p95_ms": s[min(len(s) - 1, int(len(s) * 0.95))] * 1000,
-            "n": len(s)}
-
-
-def timeit(fn: Callable[[], object], runs: int, setup: Callable[[], object] | None = None) -> list[float]:
-    out = []
-    for _ in range(runs):
-        if setup:
-            setup()
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+from common import stats, timeit  # noqa: E402
 
 
 def _timed(fn: Callable[..., object], *args: object) -> float:

@@ -16,38 +16,22 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import stats, timeit  # noqa: E402
 
 from corral.policy.compile import SandboxPaths, compile_oci  # noqa: E402
 from corral.policy.spec import SandboxPolicy  # noqa: E402
 from corral.runtimes import oci  # noqa: E402
-
-
-def stats(xs: list[float]) -> dict[str, float]:
-    s = sorted(xs)
-    return {"p50_ms": statistics.median(s) * 1000, "p95_ms": s[min(len(s) - 1, int(len(s) * 0.95))] * 1000,
-            "n": len(s)}
-
-
-def timeit(fn: Callable[[], object], runs: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def fork_exec_true() -> None:
@@ -131,9 +115,9 @@ def main() -> int:
         base = CrunBaseline(rootfs, agent_rt, tmp / "crun")
         print(f"[bench] {a.runs} runs each, template {a.template}", flush=True)
 
-        fe = timeit(fork_exec_true, a.runs * 5)
-        crun_p = timeit(base.run_prepared, a.runs)
-        crun_f = timeit(base.run_fresh_overlay, a.runs)
+        fe = timeit(fork_exec_true, a.runs * 5, warmup=3)
+        crun_p = timeit(base.run_prepared, a.runs, warmup=3)
+        crun_f = timeit(base.run_fresh_overlay, a.runs, warmup=3)
 
         sandboxes: list[Sandbox] = []
 

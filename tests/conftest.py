@@ -7,6 +7,7 @@ because CI machines have every feature the development machines have.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -122,6 +123,29 @@ class Daemon:
             out = subprocess.run(["crun", "--root", str(crun_root), "list", "-q"], capture_output=True, text=True).stdout
             for cid in out.split():
                 subprocess.run(["crun", "--root", str(crun_root), "delete", "-f", cid], capture_output=True)
+
+
+@contextlib.contextmanager
+def fresh_daemon(**env: str) -> Iterator[Daemon]:
+    """A daemon of its own (own data dir and port), for restart and cross-daemon tests; ``env`` is
+    set while it starts (e.g. CORRAL_MAX_UPLOAD_BYTES). Everything it made is removed afterwards."""
+    tmp = traversable_tmp()
+    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        d.start()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield d
+    finally:
+        d.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_daemon(tmp: Path) -> Daemon:

@@ -14,7 +14,7 @@ import pytest
 from corral import Sandbox, Snapshots
 from corral.errors import InvalidRequestError, PayloadTooLargeError
 from corral.storage import backup
-from tests.conftest import Daemon, free_port, traversable_tmp
+from tests.conftest import fresh_daemon, traversable_tmp
 
 
 def _sums(sb) -> str:
@@ -30,11 +30,7 @@ def test_export_a_sandbox_and_import_it_into_another_corral(daemon, busybox, tmp
         before = _sums(sb)
         with daemon.http() as h:
             archive = h.get(f"/sandboxes/{sb.id}/backup").content
-    tmp = traversable_tmp()
-    other = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None,
-                   log_path=tmp / "corrald.log")
-    other.start()
-    try:
+    with fresh_daemon() as other:
         with other.http() as h:
             r = h.post("/backups", content=archive, headers={"content-type": "application/gzip"})
             assert r.status_code == 201, r.text
@@ -48,9 +44,6 @@ def test_export_a_sandbox_and_import_it_into_another_corral(daemon, busybox, tmp
                        "stat -c %a /root/f0; readlink /root/link"}).json()
             assert out["stdout"].startswith(before)
             assert out["stdout"][len(before):].split() == ["755", "f1"]  # setuid neutralised; no vi
-    finally:
-        other.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_export_and_import_a_snapshot_chain_on_the_same_daemon(daemon, busybox, tmp_path):

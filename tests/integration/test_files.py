@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import socket
 from pathlib import Path
@@ -14,7 +13,7 @@ from corral import Sandbox
 from corral.errors import FileConflictError, FileNotFoundInSandboxError, InvalidPathError, PayloadTooLargeError
 from corral.sdk.client import Client
 from corral.sdk.sync import run
-from tests.conftest import Daemon, _ensure_template, free_port
+from tests.conftest import Daemon, _ensure_template, fresh_daemon
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +101,8 @@ def test_oversize_upload_gets_413_and_nothing_is_written(daemon, sb):
     assert not sb.files.exists("/workspace/huge")
 
 
-def test_upload_over_the_limit_while_streaming_leaves_no_partial_file(spare_tmp):
-    tmp_path = spare_tmp
-    d = Daemon(data_dir=tmp_path / "data", run_dir=tmp_path / "run", port=free_port(), proc=None,
-               log_path=tmp_path / "corrald.log")
-    os.environ["CORRAL_MAX_UPLOAD_BYTES"] = str(1 << 20)
-    try:
-        d.start()
-    finally:
-        del os.environ["CORRAL_MAX_UPLOAD_BYTES"]
-    try:
+def test_upload_over_the_limit_while_streaming_leaves_no_partial_file():
+    with fresh_daemon(CORRAL_MAX_UPLOAD_BYTES=str(1 << 20)) as d:
         _ensure_template(d, "busybox")
         client = run(_client(d))
         with Sandbox.create(template="busybox", client=client) as s:
@@ -125,8 +116,6 @@ def test_upload_over_the_limit_while_streaming_leaves_no_partial_file(spare_tmp)
             s.files.write("/tmp/ok", b"y" * 1000)
             assert s.files.read("/tmp/ok") == b"y" * 1000
         run(client.close())
-    finally:
-        d.cleanup()
 
 
 async def _client(d: Daemon) -> Client:

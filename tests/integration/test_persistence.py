@@ -13,7 +13,7 @@ import pytest
 
 from corral import PolicyRejectedError, Sandbox
 from corral.errors import SandboxNotRunningError
-from tests.conftest import Daemon, free_port, require, traversable_tmp
+from tests.conftest import fresh_daemon, require
 
 
 def _wait(sb, status: str, timeout_s: float = 20) -> None:
@@ -154,10 +154,7 @@ def test_hibernate_checkpoints_processes_to_disk_and_restores_them(daemon, busyb
 
 def test_idle_hibernate_and_a_daemon_restart_while_hibernated(busybox):
     require("hibernation")
-    tmp = traversable_tmp()
-    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
-    d.start()
-    try:
+    with fresh_daemon() as d:
         with d.http() as h:
             sid = h.post("/sandboxes", json={"template": "busybox", "idle_timeout_s": 1,
                                              "on_idle": "hibernate"}).json()["id"]
@@ -172,11 +169,6 @@ def test_idle_hibernate_and_a_daemon_restart_while_hibernated(busybox):
             assert h.get(f"/sandboxes/{sid}").json()["status"] == "hibernated"
             r = h.post(f"/sandboxes/{sid}/exec", json={"cmd": "cat /root/s; ps | grep -c '[s]leep 1000'"}).json()
             assert r["stdout"] == "state\n1\n" and r["resume_ms"] > 0
-    finally:
-        d.cleanup()
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_only_a_running_sandbox_can_be_paused(daemon, busybox):
@@ -188,10 +180,7 @@ def test_only_a_running_sandbox_can_be_paused(daemon, busybox):
 
 @pytest.mark.parametrize("how", ["stop-start", "daemon-kill9", "host-reboot"])
 def test_files_survive_every_transition(busybox, how):
-    tmp = traversable_tmp()
-    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
-    d.start()
-    try:
+    with fresh_daemon() as d:
         with d.http() as h:
             sid = h.post("/sandboxes", json={"template": "busybox"}).json()["id"]
             for i in range(5):
@@ -216,18 +205,10 @@ def test_files_survive_every_transition(busybox, how):
                            json={"cmd": "find /root/data -type f | sort | xargs sha256sum"}).json()
             assert after["stdout"] == before and before.count("\n") == 5
             assert (after["resume_ms"] > 0) == (how in ("stop-start", "host-reboot"))
-    finally:
-        d.cleanup()
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_paused_sandbox_survives_a_daemon_restart(busybox):
-    tmp = traversable_tmp()
-    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
-    d.start()
-    try:
+    with fresh_daemon() as d:
         with d.http() as h:
             sid = h.post("/sandboxes", json={"template": "busybox"}).json()["id"]
             h.post(f"/sandboxes/{sid}/exec", json={"cmd": "echo 1 > /root/x"})
@@ -237,8 +218,3 @@ def test_paused_sandbox_survives_a_daemon_restart(busybox):
         with d.http() as h:
             assert h.get(f"/sandboxes/{sid}").json()["status"] == "paused"
             assert h.post(f"/sandboxes/{sid}/exec", json={"cmd": "cat /root/x"}).json()["stdout"] == "1\n"
-    finally:
-        d.cleanup()
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)

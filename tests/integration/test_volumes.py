@@ -51,12 +51,9 @@ def test_volume_errors(daemon, busybox):
 
 
 def test_volume_survives_a_daemon_kill9(busybox):
-    from tests.conftest import Daemon, free_port, traversable_tmp
+    from tests.conftest import fresh_daemon
 
-    tmp = traversable_tmp()
-    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
-    d.start()
-    try:
+    with fresh_daemon() as d:
         with d.http() as h:
             h.post("/volumes", json={"name": "keep", "size_mib": 32})
             sid = h.post("/sandboxes", json={"template": "busybox", "volumes": {"/k": {"name": "keep"}}}).json()["id"]
@@ -68,8 +65,3 @@ def test_volume_survives_a_daemon_kill9(busybox):
             h.delete(f"/sandboxes/{sid}")
             other = h.post("/sandboxes", json={"template": "busybox", "volumes": {"/k": {"name": "keep"}}}).json()
             assert h.get(f"/sandboxes/{other['id']}/files", params={"path": "/k/f"}).content == b"durable"
-    finally:
-        d.cleanup()
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)

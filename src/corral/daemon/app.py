@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
@@ -263,8 +264,12 @@ async def delete_volume(name: str, request: Request) -> Response:
 @router.get("/sandboxes/{sandbox_id}/backup", name="backup.export_sandbox",
             responses={200: {"content": {"application/gzip": {}}}})
 async def export_sandbox(sandbox_id: str, request: Request) -> FileResponse:
-    path = await _svc(request).export_backup(m.check_sandbox_id(sandbox_id))
-    return FileResponse(path, media_type="application/gzip", filename=f"{sandbox_id}.tar.gz",
+    return _archive(await _svc(request).export_backup(m.check_sandbox_id(sandbox_id)), sandbox_id)
+
+
+def _archive(path: Path, name: str) -> FileResponse:
+    """Send a backup archive and delete the temp file once it is sent."""
+    return FileResponse(path, media_type="application/gzip", filename=f"{name}.tar.gz",
                         background=BackgroundTask(path.unlink, missing_ok=True))
 
 
@@ -272,9 +277,7 @@ async def export_sandbox(sandbox_id: str, request: Request) -> FileResponse:
             responses={200: {"content": {"application/gzip": {}}}})
 async def export_snapshot(snapshot: str, request: Request) -> FileResponse:
     request.state.audit_target = snapshot
-    path = await _svc(request).export_backup(snapshot)
-    return FileResponse(path, media_type="application/gzip", filename=f"{snapshot}.tar.gz",
-                        background=BackgroundTask(path.unlink, missing_ok=True))
+    return _archive(await _svc(request).export_backup(snapshot), snapshot)
 
 
 @router.post("/backups", response_model=m.ImportResult, status_code=201, name="backup.import",
