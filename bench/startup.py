@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Start-up and exec latency of Corral vs bare crun and a bare fork+exec, measured in the same run.
 
-  create -> first output : Sandbox.create(template) + commands.run("echo hi") through the SDK, over HTTP
+  create -> first output : Sandbox.create(template) + commands.run("echo hi") through the SDK, over HTTP,
+                           cold (booted now) and from the warm pool (a sandbox booted ahead and claimed)
   baseline               : `crun run` of the same rootfs with the same OCI config running `true`
                            (a) on an already mounted rootfs, (b) with a fresh overlay like Corral makes
   exec round trip        : sb.commands.run("true") in a running sandbox, through the SDK
@@ -126,7 +127,24 @@ def main() -> int:
             assert sb.commands.run("echo hi").stdout == "hi\n"
             sandboxes.append(sb)
 
-        create = timeit(create_first_output, a.runs, warmup=2)
+        # Cold: a policy the warm pool cannot serve (an env var), so every create boots a sandbox.
+        def cold_first_output() -> None:
+            sb = Sandbox.create(template=a.template, env={"BENCH": "cold"})
+            assert sb.commands.run("echo hi").stdout == "hi\n"
+            sandboxes.append(sb)
+
+        def pool_ready() -> None:  # untimed: wait until the warm pool has refilled
+            with d.http() as h:
+                for _ in range(500):
+                    if h.get("/health").json()["warm_pool"].get(a.template, 0) >= 1:
+                        return
+                    time.sleep(0.01)
+
+        create = timeit(cold_first_output, a.runs, warmup=2)
+        for sb in sandboxes:
+            sb.kill()
+        sandboxes.clear()
+        warm = timeit(create_first_output, a.runs, warmup=1, setup=pool_ready)
         for sb in sandboxes:
             sb.kill()
         with Sandbox.create(template=a.template) as sb:
@@ -134,11 +152,13 @@ def main() -> int:
             ex_argv = timeit(lambda: sb.commands.run(["/bin/true"]), a.runs * 3, warmup=10)
         results.update(
             fork_exec_true=stats(fe), crun_run_true_prepared=stats(crun_p), crun_run_true_fresh_overlay=stats(crun_f),
-            create_to_first_output=stats(create), exec_roundtrip_shell=stats(ex), exec_roundtrip_argv=stats(ex_argv),
+            create_to_first_output=stats(create), create_to_first_output_warm_pool=stats(warm),
+            exec_roundtrip_shell=stats(ex), exec_roundtrip_argv=stats(ex_argv),
         )
         r = results
         results["ratio_create_vs_crun_fresh_overlay"] = r["create_to_first_output"]["p50_ms"] / r["crun_run_true_fresh_overlay"]["p50_ms"]  # type: ignore[index]
         results["ratio_create_vs_crun_prepared"] = r["create_to_first_output"]["p50_ms"] / r["crun_run_true_prepared"]["p50_ms"]  # type: ignore[index]
+        results["ratio_warm_create_vs_crun_fresh_overlay"] = r["create_to_first_output_warm_pool"]["p50_ms"] / r["crun_run_true_fresh_overlay"]["p50_ms"]  # type: ignore[index]
         results["ratio_exec_argv_vs_fork_exec"] = r["exec_roundtrip_argv"]["p50_ms"] / r["fork_exec_true"]["p50_ms"]  # type: ignore[index]
         results["ratio_exec_shell_vs_fork_exec"] = r["exec_roundtrip_shell"]["p50_ms"] / r["fork_exec_true"]["p50_ms"]  # type: ignore[index]
 

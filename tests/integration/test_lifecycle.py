@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from corral import PolicyRejectedError, Sandbox, SandboxNotFoundError
-from tests.conftest import Daemon, free_port, traversable_tmp
+from tests.conftest import Daemon, free_port, fresh_daemon, traversable_tmp
 
 
 def test_stop_start_keeps_the_filesystem_and_ends_processes(daemon, busybox):
@@ -177,3 +177,29 @@ def test_audit_records_every_call_and_detects_tampering(daemon, busybox):
         db.close()
     with daemon.http() as h:
         assert h.get("/audit/verify").json()["ok"] is True
+
+
+def test_warm_pool_serves_default_policy_creates_and_is_cleaned_up(busybox):
+    with fresh_daemon() as d, d.http() as h:
+        first = h.post("/sandboxes", json={"template": "busybox"}).json()
+        assert first["timing"]["from_pool"] is False  # nothing was warm yet; now the pool fills
+        deadline = time.monotonic() + 20
+        while h.get("/health").json()["warm_pool"].get("busybox", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        claimed = h.post("/sandboxes", json={"template": "busybox", "timeout_s": 600,
+                                             "metadata": {"who": "pool"}}).json()
+        assert claimed["timing"]["from_pool"] is True and claimed["metadata"] == {"who": "pool"}
+        assert 590 < claimed["timeout_at"] - time.time() <= 600
+        r = h.post(f"/sandboxes/{claimed['id']}/exec", json={"cmd": "echo $CORRAL_SANDBOX_ID; hostname"}).json()
+        assert r["stdout"] == "\nsandbox\n"  # the agent's own variables never reach commands
+        custom = h.post("/sandboxes", json={"template": "busybox", "env": {"A": "b"}}).json()
+        assert custom["timing"]["from_pool"] is False  # a policy the pool cannot serve boots fresh
+        pooled = {p.name for p in (d.data_dir / "sandboxes").iterdir()} - {first["id"], claimed["id"], custom["id"]}
+        deadline = time.monotonic() + 20
+        while not pooled and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pooled = {p.name for p in (d.data_dir / "sandboxes").iterdir()} - {
+                first["id"], claimed["id"], custom["id"]}
+        assert pooled and not any(s["id"] in pooled for s in h.get("/sandboxes").json()["sandboxes"])
+    # fresh_daemon's cleanup stopped the daemon: the pooled sandbox went with it (checked by the
+    # session's nothing_left_behind fixture), while listed sandboxes were deleted through the API.

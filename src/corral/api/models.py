@@ -25,6 +25,7 @@ class CreateSandboxRequest(SandboxPolicy):
 
 class Timing(_Model):
     total_ms: float
+    from_pool: bool = Field(False, description="claimed from the warm pool instead of booted now")
     resume_ms: float = 0.0
     template_build_ms: float = 0.0
     runtime_start_ms: float = 0.0
@@ -254,6 +255,7 @@ class Health(_Model):
     version: str
     sandboxes_running: int
     schema_version: int
+    warm_pool: dict[str, int] = Field(default_factory=dict, description="ready sandboxes per template")
 
 
 class ErrorDetail(_Model):

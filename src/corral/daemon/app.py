@@ -53,7 +53,7 @@ router = APIRouter(prefix=m.API_PREFIX, dependencies=[Depends(_principal)], resp
 async def health(request: Request) -> m.Health:
     svc = _svc(request)
     return m.Health(ok=True, version=__version__, sandboxes_running=svc.running_count(),
-                    schema_version=svc.store.schema_version())
+                    schema_version=svc.store.schema_version(), warm_pool={t: len(r) for t, r in svc.pool.items()})
 
 
 @router.get("/openapi.json", include_in_schema=False, name="openapi")

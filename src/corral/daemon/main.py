@@ -127,6 +127,7 @@ def run_daemon(settings: DaemonSettings) -> None:
             yield
         finally:
             task.cancel()
+            await service.drain_pool()
             store.append_audit(None, "daemon.stop", None, "ok", {"pid": os.getpid()})
 
     app = create_app(service, keyring, lifespan=lifespan)

@@ -4,6 +4,7 @@ the runtime, the templates and the agents, and keeps desired and observed state 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import shutil
@@ -57,6 +58,9 @@ class Service:
         self.audit: Callable[..., Any] = store.append_audit
         self.snapshots = SnapshotStore(settings.data_dir / "snapshots")
         self._snaps: dict[str, dict[str, Any]] | None = None  # cache of the snapshots table
+        self.pool: dict[str, list[tuple[str, int]]] = {}  # template -> [(sandbox id, init pid)]
+        self._pool_wanted: set[str] = set()
+        self._pool_task: asyncio.Task[None] | None = None
 
     # ---- helpers -----------------------------------------------------------------------------
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -145,8 +149,6 @@ class Service:
         t0 = time.perf_counter()
         policy = SandboxPolicy.model_validate(req.model_dump(exclude={"metadata"}))
         require_consent(policy)
-        if "hibernate" in (policy.on_idle, policy.on_timeout):
-            self.require_hibernation()
         for v in policy.volumes.values():
             self.get_volume(v.name)
         if policy.hibernatable:
@@ -157,6 +159,12 @@ class Service:
         tpl = await self.ensure_template(policy.template, progress)
         t_tpl = time.perf_counter()
         now = time.time()
+        if self._poolable(policy):
+            claimed = self._claim(policy, dict(req.metadata), key_id)
+            self._pool_wanted.add(policy.template)
+            self._kick_pool()
+            if claimed is not None:
+                return self.info(claimed, m.Timing(total_ms=(time.perf_counter() - t0) * 1000, from_pool=True))
         rec = SandboxRecord(id=new_sandbox_id(), template=policy.template, policy=policy.model_dump(mode="json"),
                             metadata=dict(req.metadata), desired="running", status="creating", reason="Creating",
                             message="", created_at=now, owner_key=key_id)
@@ -176,6 +184,71 @@ class Service:
         timing.template_build_ms = (t_tpl - t0) * 1000
         timing.total_ms = (time.perf_counter() - t0) * 1000
         return self.info(rec, timing)
+
+    # ---- warm pool ---------------------------------------------------------------------------
+    # Sandboxes of the default policy, booted ahead for templates in use: a create with that policy
+    # (timeouts and metadata may differ) claims one. Pooled sandboxes have no record until claimed,
+    # are destroyed when the daemon stops, and are orphans (removed) after a crash.
+    _POOL_FREE = ("timeout_s", "idle_timeout_s", "on_idle", "on_timeout")
+
+    def _poolable(self, policy: SandboxPolicy) -> bool:
+        if self.settings.warm_pool_size <= 0:
+            return False
+        base = SandboxPolicy(template=policy.template)
+        return policy.model_dump(exclude=set(self._POOL_FREE)) == base.model_dump(exclude=set(self._POOL_FREE))
+
+    def _claim(self, policy: SandboxPolicy, metadata: dict[str, str], key_id: str | None) -> SandboxRecord | None:
+        ready = self.pool.get(policy.template) or []
+        while ready:
+            sid, pid = ready.pop(0)
+            if not _alive(pid):
+                asyncio.get_running_loop().create_task(self.runtime.destroy(sid))
+                continue
+            now = time.time()
+            rec = SandboxRecord(id=sid, template=policy.template, policy=policy.model_dump(mode="json"),
+                                metadata=metadata, desired="running", status="running", reason="Started",
+                                message="", created_at=now, started_at=now, owner_key=key_id,
+                                timeout_at=now + policy.timeout_s if policy.timeout_s else None)
+            self.store.insert_sandbox(rec)
+            self.records[sid] = rec
+            self.pids[sid] = pid
+            self.touch(sid)
+            return rec
+        return None
+
+    def _kick_pool(self) -> None:
+        if self._pool_task is None or self._pool_task.done():
+            self._pool_task = asyncio.get_running_loop().create_task(self._fill_pool())
+
+    async def _fill_pool(self) -> None:
+        # Let the caller's first commands on the sandbox it just got run before booting the next one:
+        # on two cores, a boot in flight would slow them down.
+        await asyncio.sleep(0.2)
+        for template in sorted(self._pool_wanted):
+            ready = self.pool.setdefault(template, [])
+            while len(ready) < self.settings.warm_pool_size:
+                sid = new_sandbox_id()
+                policy = SandboxPolicy(template=template)
+                try:
+                    tpl = await self.ensure_template(template)
+                    self.runtime.prepare(sid, policy)
+                    await self.runtime.start(sid, policy, [tpl.rootfs])
+                    await self.agent(sid).ping(timeout_s=AGENT_READY_TIMEOUT_S)
+                except Exception as e:
+                    log.warning("warm pool: could not boot a %s sandbox: %s", template, e)
+                    await self.runtime.destroy(sid)
+                    return
+                ready.append((sid, self.runtime.read_pid(sid) or 0))
+
+    async def drain_pool(self) -> None:
+        if self._pool_task is not None:
+            self._pool_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._pool_task
+        for ready in self.pool.values():
+            while ready:
+                sid, _ = ready.pop()
+                await self.runtime.destroy(sid)
 
     async def _boot(self, rec: SandboxRecord, policy: SandboxPolicy, lowerdirs: list[str],
                     reason: str = "Started") -> m.Timing:

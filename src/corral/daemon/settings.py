@@ -18,6 +18,7 @@ class DaemonSettings:
     max_upload_bytes: int = 1 << 30
     max_output_bytes: int = 16 << 20  # per stream of a collected (non-streaming) exec
     reconcile_interval_s: float = 2.0
+    warm_pool_size: int = 1  # booted sandboxes kept ready per template used with the default policy
     log_level: str = "info"
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -65,6 +66,8 @@ class DaemonSettings:
             values["run_dir"] = Path(env["CORRAL_RUN_DIR"])
         if "CORRAL_PORT" in env:
             values["port"] = int(env["CORRAL_PORT"])
+        if "CORRAL_WARM_POOL" in env:
+            values["warm_pool_size"] = int(env["CORRAL_WARM_POOL"])
         if "CORRAL_MAX_UPLOAD_BYTES" in env:
             values["max_upload_bytes"] = int(env["CORRAL_MAX_UPLOAD_BYTES"])
         if "CORRAL_TEMPLATE_DIR" in env:
