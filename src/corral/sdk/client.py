@@ -56,11 +56,28 @@ class Client:
             base = "http://corral"
         self.base = base
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._sync: httpx.Client | None = None
         self.http = httpx.AsyncClient(base_url=base + m.API_PREFIX, headers=headers, transport=transport,
                                       timeout=httpx.Timeout(timeout_s, connect=10.0))
 
     async def close(self) -> None:
         await self.http.aclose()
+        if self._sync is not None:
+            self._sync.close()
+
+    def json_sync(self, method: str, path: str, **kw: Any) -> Any:
+        """A blocking request for the sync facade's hot path (exec): async httpx costs ~0.4 ms more
+        per call than its sync client. Same URL, key, timeouts and error mapping."""
+        if self._sync is None:
+            transport = httpx.HTTPTransport(uds=self._uds) if self._uds else None
+            self._sync = httpx.Client(base_url=self.http.base_url, headers=self.http.headers,
+                                      transport=transport, timeout=self.http.timeout)
+        try:
+            r = self._sync.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from None
+        self._raise_for_status(r)
+        return r.json() if r.content else None
 
     def _unreachable(self, e: Exception) -> errors.DaemonUnreachableError:
         return errors.DaemonUnreachableError(f"cannot reach the Corral daemon at {self.url}: {e}")
@@ -220,6 +237,22 @@ async def _collect(ws: Any, pid: int, on_stdout: Callback | None, on_stderr: Cal
     raise errors.AgentError(f"the stream of command {pid} ended without an exit status")
 
 
+def exec_body(cmd: str | list[str], **kw: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"cmd": cmd} if isinstance(cmd, str) else {"argv": list(cmd)}
+    body.update(env=kw.get("env") or {}, cwd=kw.get("cwd"), user=kw.get("user"), timeout_s=kw.get("timeout_s"),
+                stdin=kw.get("stdin"), tag=kw.get("tag"))
+    return body
+
+
+def exec_result(r: dict[str, Any], timeout_s: float | None) -> CommandResult:
+    res = CommandResult(r["stdout"], r["stderr"], r["exit_code"], r["pid"], r.get("signal"),
+                        r.get("truncated_bytes", 0), r.get("duration_ms", 0.0))
+    if r.get("timed_out"):
+        raise errors.CommandTimeoutError(f"command timed out after {timeout_s}s and was killed",
+                                         details={"stdout": res.stdout[-4096:], "stderr": res.stderr[-4096:]})
+    return res
+
+
 class AsyncCommands:
     def __init__(self, sandbox: AsyncSandbox):
         self._sb = sandbox
@@ -233,20 +266,13 @@ class AsyncCommands:
         With ``background=True`` returns an AsyncCommandHandle at once; with callbacks, output is
         streamed to them as it comes. ``timeout_s=None`` waits forever.
         """
-        body: dict[str, Any] = {"cmd": cmd} if isinstance(cmd, str) else {"argv": list(cmd)}
-        body.update(env=env or {}, cwd=cwd, user=user, timeout_s=timeout_s, stdin=stdin, tag=tag)
+        body = exec_body(cmd, env=env, cwd=cwd, user=user, timeout_s=timeout_s, stdin=stdin, tag=tag)
         sb = self._sb
         if background:
             r = await sb._client.json("POST", f"/sandboxes/{sb.id}/exec", json={**body, "background": True})
             return AsyncCommandHandle(sb, int(r["pid"]))
         if on_stdout is None and on_stderr is None:
-            r = await sb._client.json("POST", f"/sandboxes/{sb.id}/exec", json=body)
-            res = CommandResult(r["stdout"], r["stderr"], r["exit_code"], r["pid"], r.get("signal"),
-                                r.get("truncated_bytes", 0), r.get("duration_ms", 0.0))
-            if r.get("timed_out"):
-                raise errors.CommandTimeoutError(f"command timed out after {timeout_s}s and was killed",
-                                                 details={"stdout": res.stdout[-4096:], "stderr": res.stderr[-4096:]})
-            return res
+            return exec_result(await sb._client.json("POST", f"/sandboxes/{sb.id}/exec", json=body), timeout_s)
         ws = await sb._client.ws_connect(f"/sandboxes/{sb.id}/exec/ws")
         try:
             await ws.send(json.dumps({k: v for k, v in body.items() if k != "stdin"} | {"stdin": stdin}))

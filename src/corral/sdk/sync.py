@@ -65,6 +65,12 @@ class Commands:
         self._c = inner
 
     def run(self, cmd: str | list[str], **kw: Any) -> Any:
+        if not kw.get("background") and kw.get("on_stdout") is None and kw.get("on_stderr") is None:
+            # Plain request/response: straight from this thread (no hop to the SDK's event loop).
+            sb = self._c._sb
+            kw.setdefault("timeout_s", 60)
+            body = c.exec_body(cmd, **kw)
+            return c.exec_result(sb._client.json_sync("POST", f"/sandboxes/{sb.id}/exec", json=body), kw["timeout_s"])
         r = run(self._c.run(cmd, **kw))
         return CommandHandle(r) if isinstance(r, c.AsyncCommandHandle) else r
 
