@@ -416,15 +416,17 @@ class Agent:
         conn.send_json({"ok": True, "pid": proc.pid})
         if req.get("background") and not req.get("stream"):
             return
-        # Replay: output produced between spawn and subscription is already in the buffer.
-        self._stream(proc, conn, replay=True)
+        # Replay: output produced between spawn and subscription is already in the buffer. A plain
+        # collected exec sends nothing after its request: no input thread for it (~0.1 ms).
+        self._stream(proc, conn, replay=True,
+                     take_input=bool(req.get("stdin") or req.get("pty") or req.get("stream")))
 
     def op_attach(self, req: dict[str, Any], conn: Conn) -> None:
         proc = self.get(req.get("pid"))
         conn.send_json({"ok": True, "pid": proc.pid})
         self._stream(proc, conn, replay=bool(req.get("replay", True)))
 
-    def _stream(self, proc: Proc, conn: Conn, replay: bool) -> None:
+    def _stream(self, proc: Proc, conn: Conn, replay: bool, take_input: bool = True) -> None:
         q: SimpleQueue[tuple[bytes, bytes] | None] = SimpleQueue()
         with LOCK:
             backlog = [(k, bytes(proc.out[k])) for k in (P.STDOUT, P.STDERR)] if replay else []
@@ -432,11 +434,13 @@ class Agent:
                 proc.subscribers.add(q)
             else:
                 q.put(None)
-        reader: threading.Thread | None = threading.Thread(target=self._client_input, args=(proc, conn), daemon=True)
-        try:
-            reader.start()  # type: ignore[union-attr]
-        except RuntimeError:  # pids.max reached: stream output, but take no input
-            reader = None
+        reader: threading.Thread | None = None
+        if take_input:
+            reader = threading.Thread(target=self._client_input, args=(proc, conn), daemon=True)
+            try:
+                reader.start()
+            except RuntimeError:  # pids.max reached: stream output, but take no input
+                reader = None
         try:
             for kind, data in backlog:
                 for i in range(0, len(data), P.CHUNK):

@@ -497,8 +497,11 @@ class AuditMiddleware:
             app.state.service.audit(state.get("key_id"), action, str(target)[:64] if target else None, result, detail)
         except Exception:
             log.exception("could not append to the audit log")
-        log.info("request", extra={"fields": {"action": action, "target": target, "result": result,
-                                              "ms": round((time.perf_counter() - t0) * 1000, 2)}})
+        # Every call is in the audit log already; the log line is for debugging (and for server errors).
+        level = logging.WARNING if code >= 500 else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, "request", extra={"fields": {"action": action, "target": target, "result": result,
+                                                        "ms": round((time.perf_counter() - t0) * 1000, 2)}})
 
 
 # ---- app -----------------------------------------------------------------------------------------
