@@ -168,10 +168,6 @@ class OciRuntime:
     def unmount_disk(self, sandbox_id: str) -> None:
         disk.unmount(self.dir(sandbox_id) / "disk")
 
-    def disk_usage(self, sandbox_id: str) -> disk.Usage | None:
-        mnt = self.dir(sandbox_id) / "disk"
-        return disk.usage(mnt) if disk.is_mounted(mnt) else None
-
     def _mount_rootfs(self, sandbox_id: str, policy: SandboxPolicy, lowerdirs: list[str]) -> str:
         d = self.dir(sandbox_id)
         rootfs = str(d / "rootfs")
@@ -417,16 +413,6 @@ class OciRuntime:
     async def destroy(self, sandbox_id: str) -> None:
         await self.stop(sandbox_id)
         shutil.rmtree(self.dir(sandbox_id), ignore_errors=True)
-
-    async def state(self, sandbox_id: str) -> RunningInfo | None:
-        rc, out = await self._run("state", sandbox_id, sandbox_id=sandbox_id)
-        if rc != 0:
-            return None
-        try:
-            data = json.loads(out)
-        except ValueError:
-            return None
-        return RunningInfo(sandbox_id, str(data.get("status")), data.get("pid"))
 
     async def list_containers(self) -> list[RunningInfo]:
         out_all: list[RunningInfo] = []

@@ -183,17 +183,3 @@ class SnapshotStore:
                     freed += st.st_size
                     blob.unlink()
         return freed
-
-    def unique_bytes(self, snapshot_id: str) -> int:
-        """Bytes only this layer holds (its blobs have no other layer linking them)."""
-        total = 0
-        for _rel, st in _walk(self.layer(snapshot_id)):
-            if stat.S_ISREG(st.st_mode) and st.st_nlink <= 2:
-                total += st.st_size
-        return total
-
-    def blob_bytes(self) -> int:
-        if not self.blobs.is_dir():
-            return 0
-        return sum(b.stat().st_size for sub in self.blobs.iterdir() for b in sub.iterdir())
-
