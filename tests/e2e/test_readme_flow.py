@@ -145,3 +145,31 @@ def test_doctor_and_template_ls(env):
     r = corral(env, "doctor")
     assert "[ok  ] oci-runtime" in r.stdout and "[ok  ] user-namespaces" in r.stdout
     assert "base" in corral(env, "template", "ls").stdout
+
+
+def test_cli_snapshots_volumes_and_backups(env, tmp_path):
+    vol = f"cache-{os.getpid()}"
+    assert corral(env, "volume", "create", vol, "--size-mib", "64").stdout.strip() == vol
+    sid = corral(env, "sandbox", "create", "--template", "busybox", "--volume", f"{vol}:/cache").stdout.strip()
+    corral(env, "exec", sid, "--", "sh", "-c", "echo kept > /root/f; echo shared > /cache/s")
+    assert vol in corral(env, "volume", "ls").stdout and sid in corral(env, "volume", "ls").stdout
+    snap = corral(env, "snapshot", "create", sid, "--name", f"cli-{os.getpid()}").stdout.strip()
+    assert snap.startswith("snap-") and snap in corral(env, "snapshot", "ls").stdout
+    fork = corral(env, "sandbox", "create", "--snapshot", snap, "--volume", f"{vol}:/ro:ro").stdout.strip()
+    assert corral(env, "exec", fork, "--", "cat", "/root/f", "/ro/s").stdout == "kept\nshared\n"
+    r = corral(env, "snapshot", "rm", snap, check=False)
+    assert r.returncode != 0 and "in use" in r.stderr
+    archive = tmp_path / "sb.tar.gz"
+    corral(env, "backup", "export", sid, str(archive))
+    r = corral(env, "volume", "rm", vol, check=False)
+    assert r.returncode != 0 and "attached" in r.stderr
+    for s in (fork, sid):
+        corral(env, "sandbox", "rm", s)
+    corral(env, "snapshot", "rm", snap)
+    corral(env, "volume", "rm", vol)
+    imported = corral(env, "backup", "import", str(archive)).stdout.strip()
+    assert imported.startswith("sb-")
+    info = corral(env, "sandbox", "info", imported).stdout
+    assert f"volumes not on this host were not attached: {vol}" in info  # the volume was deleted above
+    assert corral(env, "exec", imported, "--", "cat", "/root/f").stdout == "kept\n"  # auto-starts
+    corral(env, "sandbox", "rm", imported)

@@ -556,13 +556,16 @@ class Service:
             if template not in images.BUILTIN_TEMPLATES and self.templates.get(template) is None:
                 raise errors.TemplateNotFoundError(f"the backup needs template {template!r}, unknown here")
             policy: SandboxPolicy | None = None
+            dropped: list[str] = []
             if meta.get("kind") == "sandbox":
                 try:
                     policy = SandboxPolicy.model_validate({**(meta.get("policy") or {}), "template": template})
                 except ValueError as e:
                     raise errors.InvalidRequestError(f"the backup's policy is not valid here: {e}") from None
-                for v in policy.volumes.values():
-                    self.get_volume(v.name)
+                # Volumes are not in backups; attachments to volumes this host lacks are dropped (and said).
+                known = {v["name"] for v in self.store.list_volumes()}
+                dropped = sorted({v.name for v in policy.volumes.values()} - known)
+                policy = policy.model_copy(update={"volumes": {p: v for p, v in policy.volumes.items() if v.name in known}})
             snaps: list[m.SnapshotInfo] = []
             parent: str | None = None
             for layer in layers:
@@ -585,7 +588,8 @@ class Service:
             rec = SandboxRecord(id=new_sandbox_id(), template=template, policy=policy.model_dump(mode="json"),
                                 metadata={str(k)[:64]: str(v)[:256] for k, v in list(md.items())[:64]},
                                 desired="stopped", status="stopped", reason="Imported",
-                                message=f"imported from a backup of {str(meta.get('source'))[:64]}",
+                                message=f"imported from a backup of {str(meta.get('source'))[:64]}"
+                                + (f"; volumes not on this host were not attached: {', '.join(dropped)}" if dropped else ""),
                                 created_at=time.time())
             self.store.insert_sandbox(rec)
             self.records[rec.id] = rec
