@@ -165,3 +165,16 @@ def inside(daemon, sb, path: str) -> Path:  # type: ignore[no-untyped-def]
     out = subprocess.run(["crun", "--root", str(daemon.run_dir / "crun"), "state", sb.id], capture_output=True,
                          text=True, check=True).stdout
     return Path(f"/proc/{json.loads(out)['pid']}/root{path}")
+
+
+def host_pids_with(token: str) -> list[int]:
+    """Host pids whose command line contains ``token`` (canaries, survivors)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if token.encode() in (p / "cmdline").read_bytes():
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out

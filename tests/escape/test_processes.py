@@ -9,25 +9,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.escape.escape_support import NR, attack, kill_quietly
+from tests.escape.escape_support import NR, attack, host_pids_with, kill_quietly
 
 AGENT_MARK = "/.corral/agent/agent.py"
-
-
-def _host_pids_with(token: str) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if token.encode() in (p / "cmdline").read_bytes():
-                    out.append(int(p.name))
-            except OSError:
-                pass
-    return out
 
 
 def _health(daemon) -> int:  # type: ignore[no-untyped-def]
@@ -159,7 +146,7 @@ time.sleep(600)
 """)
     neighbour = other_sandbox.commands.run(f"exec -a {token} python3 /tmp/neighbour.py", background=True)
     deadline = time.monotonic() + 10
-    while not (pids := _host_pids_with(token)):
+    while not (pids := host_pids_with(token)):
         assert time.monotonic() < deadline, "neighbour process did not start"
         time.sleep(0.05)
     host_pid = pids[0]
@@ -175,9 +162,9 @@ time.sleep(600)
         assert r == {"res": {"kill": "ESRCH", "pidfd_open": "ESRCH", "ptrace": "EPERM", "shmget": "ENOENT"},
                      "seen": []}
         # The neighbour still runs, in its own sandbox.
-        assert host_pid in _host_pids_with(token)
+        assert host_pid in host_pids_with(token)
         running = {p.pid: p.running for p in other_sandbox.commands.list()}
         assert running[neighbour.pid] is True
     finally:
-        for pid in _host_pids_with(token):
+        for pid in host_pids_with(token):
             kill_quietly(pid)
