@@ -17,6 +17,7 @@ Run as root:  .venv/bin/python bench/lifecycle.py [--runs 50] [--template base]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -50,11 +51,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root", file=sys.stderr)
         return 2
-    from tests.conftest import Daemon, _ensure_template, free_port, traversable_tmp
+    from tests.conftest import _ensure_template, fresh_daemon
 
-    tmp = traversable_tmp()
-    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
-    d.start()
+    stack = contextlib.ExitStack()
+    d = stack.enter_context(fresh_daemon())
+    tmp = d.data_dir.parent
     os.environ.update(CORRAL_URL=d.url, CORRAL_API_KEY=d.api_key)
     from corral import Sandbox, Snapshots
 
@@ -108,7 +109,7 @@ def main() -> int:
             forks.append(f)
 
         def cold() -> None:
-            c = Sandbox.create(template=a.template)
+            c = Sandbox.create(template=a.template, env={"BENCH": "cold"})  # not served by the warm pool
             c.commands.run("echo hi")
             colds.append(c)
 
@@ -127,8 +128,7 @@ def main() -> int:
         Snapshots.delete(again)
         Snapshots.delete(snap)
     finally:
-        d.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stack.close()
     for k, v in res.items():
         if isinstance(v, dict):
             print(f"{k:32s} " + "  ".join(f"{kk}={vv:.2f}" if isinstance(vv, float) else f"{kk}={vv}"

@@ -14,9 +14,9 @@ Run as root:  .venv/bin/python bench/startup.py [--runs 100] [--template base] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,11 +100,11 @@ def main() -> int:
         print("run as root", file=sys.stderr)
         return 2
     oci.enter_private_mount_namespace()  # for the crun baseline, before any thread
-    from tests.conftest import TEMPLATE_CACHE, Daemon, _ensure_template, free_port, traversable_tmp
+    from tests.conftest import TEMPLATE_CACHE, _ensure_template, fresh_daemon
 
-    tmp = traversable_tmp()
-    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
-    d.start()
+    stack = contextlib.ExitStack()
+    d = stack.enter_context(fresh_daemon())
+    tmp = d.data_dir.parent
     os.environ.update(CORRAL_URL=d.url, CORRAL_API_KEY=d.api_key)
     from corral import Sandbox
 
@@ -179,9 +179,8 @@ def main() -> int:
             results["concurrent"] = {"sandboxes": a.concurrent, "running_at_once": running,
                                      "create_all_s": t_create, "exec_each": stats(lat), "host_used_mib": mem}
     finally:
-        d.cleanup()
         subprocess.run(["umount", "-R", str(tmp / "crun" / "prepared" / "rootfs")], capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stack.close()
     for k, v in results.items():
         if isinstance(v, dict):
             print(f"{k:34s} " + "  ".join(f"{kk}={vv:.2f}" if isinstance(vv, float) else f"{kk}={vv}"

@@ -312,10 +312,10 @@ class Service:
     def require_hibernation(self) -> None:
         from corral.runtimes import probe
 
-        feat = {f.name: f for f in probe.probe()}.get("hibernation")
-        if feat is None or not feat.available:
+        feat = probe.hibernation()  # only this feature: the full probe runs several processes
+        if not feat.available:
             raise errors.RuntimeUnavailableError(
-                f"hibernation is not available on this host: {feat.detail if feat else 'no probe'}",
+                f"hibernation is not available on this host: {feat.detail}",
                 hint="use pause (in memory) or stop instead; `corral doctor` shows what hibernation needs")
 
     async def pause(self, sandbox_id: str, to_disk: bool = False, reason: str = "Paused") -> m.SandboxInfo:
