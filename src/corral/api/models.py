@@ -134,6 +134,17 @@ class ExecRequest(_Model):
         return self
 
 
+class ExecDenial(_Model):
+    """An exec the guard refused (or, in audit mode, would have refused) while a command ran."""
+
+    path: str = Field(description="the executed file as the kernel saw it")
+    sha256: str | None = None
+    rule: str = Field(description="deny:<entry>, allowlist, loader, corral-runtime, too-large, guard-error…")
+    verdict: Literal["deny", "would-deny", "killed"]
+    pid: int | None = None
+    audit_seq: int | None = Field(None, description="the audit record of this decision")
+
+
 class ExecResult(_Model):
     pid: int
     stdout: str = ""
@@ -145,6 +156,8 @@ class ExecResult(_Model):
     duration_ms: float = 0.0
     resume_ms: float = Field(0.0, description="time spent resuming a paused or stopped sandbox first")
     background: bool = False
+    denials: list[ExecDenial] = Field(default_factory=list,
+                                      description="execs the exec policy refused in this sandbox while the command ran")
 
 
 class ProcessInfo(_Model):

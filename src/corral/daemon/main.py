@@ -128,6 +128,7 @@ def run_daemon(settings: DaemonSettings) -> None:
         finally:
             task.cancel()
             await service.drain_pool()
+            service.close_guards()
             store.append_audit(None, "daemon.stop", None, "ok", {"pid": os.getpid()})
 
     app = create_app(service, keyring, lifespan=lifespan)

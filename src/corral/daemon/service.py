@@ -4,10 +4,14 @@ the runtime, the templates and the agents, and keeps desired and observed state 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import os
 import secrets
 import shutil
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,7 +23,11 @@ from corral.api import models as m
 from corral.audit import chain
 from corral.daemon.settings import DaemonSettings
 from corral.daemon.store import SandboxRecord, Store
+from corral.execguard import index as exec_index
+from corral.execguard import kernel as exec_kernel
+from corral.execguard.guard import ExecGuard, is_holder, set_memfd_noexec
 from corral.policy.compile import require_consent
+from corral.policy.execpolicy import ExecIndex, ExecPlan, compile_exec
 from corral.policy.spec import SandboxPolicy
 from corral.runtimes import images
 from corral.runtimes.agentclient import AgentClient, AgentConnection
@@ -61,6 +69,17 @@ class Service:
         self.pool: dict[str, list[tuple[str, int]]] = {}  # template -> [(sandbox id, init pid)]
         self._pool_wanted: set[str] = set()
         self._pool_task: asyncio.Task[None] | None = None
+        # exec guard: one per sandbox with an exec policy; its decisions reach the audit log in batches
+        self.guards: dict[str, ExecGuard] = {}
+        self.exec_plans: dict[str, ExecPlan] = {}
+        self._runtime_ids: frozenset[tuple[int, int]] | None = None
+        self._host_index: ExecIndex | None = None
+        self._guard_q: list[tuple[str, dict[str, Any], float]] = []
+        self._guard_lock = threading.Lock()
+        self._guard_flush_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.denials: dict[str, collections.deque[tuple[int, m.ExecDenial]]] = {}
+        self._denial_n = 0
 
     # ---- helpers -----------------------------------------------------------------------------
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -157,6 +176,7 @@ class Service:
             snap = self.resolve_snapshot(policy.snapshot)
             policy = policy.model_copy(update={"snapshot": snap["id"], "template": snap["template"]})
         tpl = await self.ensure_template(policy.template, progress)
+        plan = await self._exec_plan(policy)
         t_tpl = time.perf_counter()
         now = time.time()
         if self._poolable(policy):
@@ -170,12 +190,15 @@ class Service:
                             message="", created_at=now, owner_key=key_id)
         self.store.insert_sandbox(rec)
         self.records[rec.id] = rec
+        if plan is not None:
+            self.exec_plans[rec.id] = plan
         try:
             async with self._lock(rec.id):
                 self.runtime.prepare(rec.id, policy)
                 timing = await self._boot(rec, policy, self._lowerdirs(policy, tpl.rootfs))
         except BaseException as e:
             log.warning("create %s failed: %s", rec.id, e)
+            self._guard_off(rec.id)
             await self.runtime.destroy(rec.id)
             self._update(rec, status="error", desired="stopped", reason="CreateFailed", message=str(e)[:500],
                          deleted_at=time.time())
@@ -254,11 +277,17 @@ class Service:
                     reason: str = "Started") -> m.Timing:
         t0 = time.perf_counter()
         await self.runtime.start(rec.id, policy, lowerdirs)
+        try:
+            await self._guard_on(rec, policy)
+        except BaseException:
+            await self.runtime.stop(rec.id)
+            raise
         t1 = time.perf_counter()
         try:
             await self.agent(rec.id).ping(timeout_s=AGENT_READY_TIMEOUT_S)
         except errors.CorralError as e:
             tail = self.runtime.agent_log_tail(rec.id)
+            self._guard_off(rec.id)
             await self.runtime.stop(rec.id)
             raise errors.RuntimeUnavailableError(f"the agent of {rec.id} did not start: {e}; {tail}") from None
         t2 = time.perf_counter()
@@ -284,6 +313,7 @@ class Service:
             if rec.status in ("running", "paused", "hibernated", "creating", "error") or \
                     self.runtime.dir(sandbox_id).exists():
                 await self.runtime.stop(sandbox_id)
+            self._guard_off(sandbox_id)
             self.pids.pop(sandbox_id, None)
             if rec.status != "stopped" or rec.desired != desired:
                 self._update(rec, status="stopped", desired=desired, reason=reason, message=message,
@@ -343,6 +373,7 @@ class Service:
                 except BaseException:
                     await self.agent(sandbox_id).request({"op": "dumpable", "value": False})
                     raise
+                self._guard_off(sandbox_id)
                 self.pids.pop(sandbox_id, None)
                 self._update(rec, status="hibernated", desired="paused", reason=reason.replace("Paused", "Hibernated")
                              if reason != "Paused" else "Hibernated", message="processes checkpointed to disk")
@@ -364,6 +395,13 @@ class Service:
                 policy = SandboxPolicy.model_validate(rec.policy)
                 tpl = await self.ensure_template(policy.template)
                 await self.runtime.restore(sandbox_id, policy, self._lowerdirs(policy, tpl.rootfs))
+                try:
+                    await self._guard_on(rec, policy)
+                except BaseException:
+                    await self.runtime.stop(sandbox_id)
+                    self._update(rec, status="stopped", desired="stopped", reason="RestoreFailed",
+                                 message="the exec guard could not be armed again", stopped_at=time.time())
+                    raise
                 await self.agent(sandbox_id).ping(timeout_s=AGENT_READY_TIMEOUT_S)
                 await self.agent(sandbox_id).request({"op": "dumpable", "value": False})
                 pid = self.runtime.read_pid(sandbox_id)
@@ -600,6 +638,9 @@ class Service:
         rec = self._record(sandbox_id)
         async with self._lock(sandbox_id):
             await self.runtime.destroy(sandbox_id)
+            self._guard_off(sandbox_id)
+            self.exec_plans.pop(sandbox_id, None)
+            self.denials.pop(sandbox_id, None)
             self.pids.pop(sandbox_id, None)
             self._update(rec, status="stopped", desired="stopped", reason="Deleted", deleted_at=time.time())
             self.records.pop(sandbox_id, None)
@@ -623,12 +664,22 @@ class Service:
                 await agent.send_stdin(int(r["pid"]), req.stdin.encode(), eof=True)
             return m.ExecResult(pid=int(r["pid"]), background=True, duration_ms=(time.perf_counter() - t0) * 1000,
                                 resume_ms=resume_ms)
-        res = await agent.exec_collect(self._exec_req(req), self.settings.max_output_bytes,
-                                       stdin=req.stdin.encode() if req.stdin is not None else None)
+        mark = self._denial_n
+        try:
+            res = await agent.exec_collect(self._exec_req(req), self.settings.max_output_bytes,
+                                           stdin=req.stdin.encode() if req.stdin is not None else None)
+        except errors.InvalidRequestError as e:
+            # argv mode: the agent could not exec the program itself. A denial is data, like a shell's 126.
+            denials = self._denials_since(sandbox_id, mark)
+            if not denials or "cannot execute" not in e.message:
+                raise
+            return m.ExecResult(pid=0, stderr=f"{e.message} (exec policy: {denials[-1].rule})\n", exit_code=126,
+                                duration_ms=(time.perf_counter() - t0) * 1000, resume_ms=resume_ms, denials=denials)
         return m.ExecResult(pid=int(res["pid"] or 0), stdout=res["stdout"].decode(errors="replace"),
                             stderr=res["stderr"].decode(errors="replace"), exit_code=res["exit_code"],
                             signal=res["signal"], timed_out=res["timed_out"], truncated_bytes=res["truncated_bytes"],
-                            duration_ms=(time.perf_counter() - t0) * 1000, resume_ms=resume_ms)
+                            duration_ms=(time.perf_counter() - t0) * 1000, resume_ms=resume_ms,
+                            denials=self._denials_since(sandbox_id, mark))
 
     async def exec_stream(self, sandbox_id: str, req: m.ExecRequest) -> tuple[AgentConnection, int]:
         await self._running(sandbox_id)
@@ -697,6 +748,138 @@ class Service:
         r = chain.verify(self.store.iter_audit())
         return m.AuditVerify(ok=r.ok, records=r.records, first_bad_seq=r.first_bad_seq, message=r.message)
 
+    # ---- exec guard --------------------------------------------------------------------------
+    async def _exec_plan(self, policy: SandboxPolicy) -> ExecPlan | None:
+        """Compile the sandbox's exec policy against its template's executables (fail closed: a policy
+        this host cannot enforce refuses the sandbox)."""
+        ep = policy.exec_policy
+        if ep.mode == "off":
+            return None
+        ok, why = exec_kernel.available()
+        if not ok:
+            raise errors.RuntimeUnavailableError(f"this sandbox has an exec policy, but {why}",
+                                                 hint="`corral doctor` shows the exec guard's backend")
+        if policy.root == "host":
+            if self._host_index is None:
+                self._host_index = await asyncio.to_thread(exec_index.host_index)
+            idx = self._host_index
+        else:
+            tpl = self.templates.get(policy.template)
+            if tpl is None:
+                raise errors.TemplateNotFoundError(f"template {policy.template} is not built")
+            idx = await asyncio.to_thread(exec_index.load_or_build, self.templates.path(policy.template),
+                                          Path(tpl.rootfs), tpl.built_at)
+        return compile_exec(ep, idx, template=policy.template if policy.root != "host" else "")
+
+    def _guard_holder_file(self, sandbox_id: str) -> Path:
+        return self.runtime.dir(sandbox_id) / "run" / "guard.pid"
+
+    async def _guard_on(self, rec: SandboxRecord, policy: SandboxPolicy, adopt: bool = False) -> None:
+        plan = self.exec_plans.get(rec.id)
+        if plan is None:
+            plan = await self._exec_plan(policy)
+            if plan is None:
+                return
+            self.exec_plans[rec.id] = plan
+        self._loop = asyncio.get_running_loop()
+        self._guard_off(rec.id)
+        pid = self.runtime.read_pid(rec.id)
+        if not pid:
+            raise errors.RuntimeUnavailableError(f"sandbox {rec.id} has no init process to guard")
+        if self._runtime_ids is None:
+            self._runtime_ids = await asyncio.to_thread(exec_index.runtime_identities, self.runtime.agent_runtime)
+        guard = ExecGuard(rec.id, plan, self._guard_sink, self._runtime_ids)
+        holder = self._guard_holder_file(rec.id)
+        how = "armed"
+        try:
+            if adopt and holder.exists():
+                try:
+                    guard.adopt(int(holder.read_text()))
+                    how = "adopted"
+                except (OSError, ValueError) as e:
+                    log.warning("exec guard of %s: holder lost (%s); arming a new one", rec.id, e)
+            if how != "adopted":
+                mounts = await asyncio.to_thread(guard.arm, pid)
+                if plan.mode == "enforce":
+                    await set_memfd_noexec(pid)
+        except Exception as e:
+            guard.close()
+            raise errors.RuntimeUnavailableError(f"the exec guard of {rec.id} could not be armed: {e}",
+                                                 hint="`corral doctor` shows what the exec guard needs") from None
+        if guard.holder_pid:
+            holder.write_text(f"{guard.holder_pid}\n")
+        self.guards[rec.id] = guard
+        detail: dict[str, Any] = {"kind": "guard", "mode": plan.mode, "backend": "fanotify", "how": how,
+                                  "deny_hashes": len(plan.deny),
+                                  "allow_hashes": None if plan.allow is None else len(plan.allow)}
+        if how == "armed":
+            detail["mounts"] = mounts
+        self.audit(None, "exec.guard", rec.id, how, detail)
+
+    def _guard_off(self, sandbox_id: str, keep_holder: bool = False) -> None:
+        guard = self.guards.pop(sandbox_id, None)
+        if guard is not None:
+            guard.close(keep_holder=keep_holder)
+        if keep_holder:
+            return
+        holder = self._guard_holder_file(sandbox_id)
+        if holder.exists():  # left by an earlier daemon
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(holder.read_text())
+                if is_holder(pid):
+                    os.kill(pid, signal.SIGKILL)
+            holder.unlink(missing_ok=True)
+
+    def close_guards(self) -> None:
+        """Daemon shutdown: stop answering but keep enforce-mode groups held, so execs in those
+        sandboxes wait for the next daemon instead of running unguarded."""
+        for sid in list(self.guards):
+            self._guard_off(sid, keep_holder=True)
+        self.flush_guard_events()
+
+    def _guard_sink(self, sandbox_id: str, detail: dict[str, Any]) -> None:
+        """Called on a guard's thread for every decision."""
+        with self._guard_lock:
+            self._guard_q.append((sandbox_id, detail, time.time()))
+            if self._guard_flush_pending or self._loop is None:
+                return
+            self._guard_flush_pending = True
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self._loop.call_soon_threadsafe(self.flush_guard_events)
+
+    def flush_guard_events(self) -> None:
+        with self._guard_lock:
+            items, self._guard_q = self._guard_q, []
+            self._guard_flush_pending = False
+        if not items:
+            return
+        entries = self.store.append_audit_many(
+            [(None, "exec.guard" if d.get("kind") == "guard" else "exec.decision", sid, str(d.get("verdict", "")),
+              d, ts) for sid, d, ts in items])
+        for e in entries:
+            if e.action == "exec.decision" and e.result in ("deny", "would-deny", "killed") and e.target:
+                self._denial_n += 1
+                d = e.detail
+                self.denials.setdefault(e.target, collections.deque(maxlen=64)).append((self._denial_n, m.ExecDenial(
+                    path=str(d.get("path", "?")), sha256=d.get("sha256"), rule=str(d.get("rule", "")),
+                    verdict=e.result, pid=d.get("pid"), audit_seq=e.seq)))
+            if e.action == "exec.guard" and e.result == "error" and e.target:
+                self._guard_failed(e.target, str(e.detail.get("message", e.detail.get("rule", ""))))
+
+    def _guard_failed(self, sandbox_id: str, why: str) -> None:
+        """A guard that stopped answering: in enforce mode the sandbox stops (fail closed)."""
+        plan = self.exec_plans.get(sandbox_id)
+        if plan is None or plan.mode != "enforce" or self._loop is None:
+            return
+        log.error("exec guard of %s failed (%s): stopping the sandbox", sandbox_id, why)
+        self._loop.create_task(self.stop(sandbox_id, reason="ExecGuardFailed", message=why[:500]))
+
+    def _denials_since(self, sandbox_id: str, mark: int) -> list[m.ExecDenial]:
+        if sandbox_id not in self.guards:
+            return []
+        self.flush_guard_events()
+        return [d for n, d in self.denials.get(sandbox_id, ()) if n > mark]
+
     # ---- reconciliation ----------------------------------------------------------------------
     async def reconcile_startup(self) -> dict[str, list[str]]:
         """After a restart (also after kill -9): re-adopt live sandboxes, mark dead ones, clean orphans."""
@@ -716,8 +899,9 @@ class Service:
                 if c is not None and c.status == "paused" and rec.status == "paused":
                     if c.pid:
                         self.pids[rec.id] = c.pid
-                    report["adopted"].append(rec.id)
-                    continue
+                    if await self._readopt_guard(rec):
+                        report["adopted"].append(rec.id)
+                        continue
                 if c is not None and c.status == "running":
                     try:
                         await self.agent(rec.id).ping(timeout_s=3)
@@ -727,8 +911,10 @@ class Service:
                 if alive and rec.status == "running":
                     if c is not None and c.pid:
                         self.pids[rec.id] = c.pid
-                    report["adopted"].append(rec.id)
-                    continue
+                    if await self._readopt_guard(rec):
+                        report["adopted"].append(rec.id)
+                        continue
+                self._guard_off(rec.id)
                 await self.runtime.stop(rec.id)
                 self._update(rec, status="stopped", desired="stopped", reason="LostWhileDaemonDown",
                              message="the sandbox was not running when the daemon came back", stopped_at=time.time())
@@ -743,6 +929,7 @@ class Service:
         if self.runtime.sandboxes.is_dir():
             for d in self.runtime.sandboxes.iterdir():
                 if d.name.startswith("sb-") and d.name not in known:
+                    self._guard_off(d.name)
                     await self.runtime.destroy(d.name)
                     report["orphans_removed"].append(f"directory {d.name}")
         for cg in self.runtime.cgroup_ids():
@@ -754,6 +941,19 @@ class Service:
                 self.runtime.remove_cgroups(cg)
                 report["orphans_removed"].append(f"cgroup {cg}")
         return report
+
+    async def _readopt_guard(self, rec: SandboxRecord) -> bool:
+        """Take back the exec guard of a sandbox that outlived the daemon. False: it cannot be guarded
+        any more (the caller stops it: fail closed)."""
+        policy = SandboxPolicy.model_validate(rec.policy)
+        if policy.exec_policy.mode == "off":
+            return True
+        try:
+            await self._guard_on(rec, policy, adopt=True)
+            return True
+        except errors.CorralError as e:
+            log.error("sandbox %s: %s; stopping it", rec.id, e)
+            return False
 
     async def tick(self) -> None:
         """One pass of the lifecycle loop: wall-clock timeouts, idle sandboxes, sandboxes that died."""

@@ -72,6 +72,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TABLE volumes (
             name TEXT PRIMARY KEY, size_mib INTEGER NOT NULL, created_at REAL NOT NULL)""",
     ]),
+    (5, "audit: query by kind and time", [
+        "CREATE INDEX audit_action ON audit (action, seq)",
+        "CREATE INDEX audit_ts ON audit (ts)",
+    ]),
 ]
 
 metadata = MetaData()
@@ -252,28 +256,51 @@ class Store:
     # ---- audit -------------------------------------------------------------------------------
     def append_audit(self, key_id: str | None, action: str, target: str | None, result: str,
                      detail: dict[str, Any]) -> AuditEntry:
+        return self.append_audit_many([(key_id, action, target, result, detail, None)])[0]
+
+    def append_audit_many(self, items: list[tuple[str | None, str, str | None, str, dict[str, Any], float | None]]
+                          ) -> list[AuditEntry]:
+        """Append records (key_id, action, target, result, detail, ts or None for now) in one transaction."""
+        out: list[AuditEntry] = []
         with self._tx() as c:
             if self._last_hash is None:
                 last = c.execute(select(audit.c.seq, audit.c.hash).order_by(audit.c.seq.desc()).limit(1)).first()
                 self._last_seq, self._last_hash = (last[0], last[1]) if last else (0, GENESIS)
-            entry = AuditEntry(seq=self._last_seq + 1, ts=time.time(), key_id=key_id, action=action,
-                               target=target, result=result, detail=detail, prev_hash=self._last_hash, hash="")
-            entry.hash = record_hash(entry)
+            seq, prev = self._last_seq, self._last_hash
+            rows = []
+            for key_id, action, target, result, detail, ts in items:
+                seq += 1
+                entry = AuditEntry(seq=seq, ts=ts if ts is not None else time.time(), key_id=key_id, action=action,
+                                   target=target, result=result, detail=detail, prev_hash=prev, hash="")
+                entry.hash = record_hash(entry)
+                prev = entry.hash
+                out.append(entry)
+                rows.append(dict(seq=entry.seq, ts=entry.ts, key_id=key_id, action=action, target=target,
+                                 result=result, detail=json.dumps(detail, sort_keys=True, separators=(",", ":")),
+                                 prev_hash=entry.prev_hash, hash=entry.hash))
             try:
-                c.execute(insert(audit).values(
-                    seq=entry.seq, ts=entry.ts, key_id=key_id, action=action, target=target, result=result,
-                    detail=json.dumps(detail, sort_keys=True, separators=(",", ":")), prev_hash=entry.prev_hash,
-                    hash=entry.hash))
+                if rows:
+                    c.execute(insert(audit), rows)
             except Exception:
                 self._last_hash = None  # re-read the tail next time
                 raise
-            self._last_seq, self._last_hash = entry.seq, entry.hash
-            return entry
+            self._last_seq, self._last_hash = seq, prev
+            return out
 
-    def audit_entries(self, target: str | None = None, after_seq: int = 0, limit: int | None = None) -> list[AuditEntry]:
+    def audit_entries(self, target: str | None = None, after_seq: int = 0, limit: int | None = None,
+                      kind: str | None = None, since: float | None = None, until: float | None = None
+                      ) -> list[AuditEntry]:
+        """Records after ``after_seq``; ``kind`` matches an action exactly or, ending in '.', as a prefix."""
         q = select(audit).where(audit.c.seq > after_seq).order_by(audit.c.seq)
         if target:
             q = q.where(audit.c.target == target)
+        if kind:
+            q = q.where(audit.c.action.startswith(kind, autoescape=True) if kind.endswith(".")
+                        else audit.c.action == kind)
+        if since is not None:
+            q = q.where(audit.c.ts >= since)
+        if until is not None:
+            q = q.where(audit.c.ts < until)
         if limit:
             q = q.limit(limit)
         with self._tx() as c:

@@ -106,7 +106,7 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", f"size={defaults.DEV_SIZE}"]},
+         "options": ["nosuid", "noexec", "strictatime", "mode=755", f"size={defaults.DEV_SIZE}"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from corral.policy import defaults
+from corral.policy.execpolicy import ExecPolicy
 
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -63,6 +64,8 @@ class SandboxPolicy(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     volumes: dict[str, VolumeMount] = Field(default_factory=dict, description="mount path -> volume")
     network: Literal["none"] = "none"
+    exec_policy: ExecPolicy = Field(default_factory=lambda: ExecPolicy(),
+                                    description="what may execute, by SHA-256 of the content, enforced by the kernel")
     allow_weaker_isolation: bool = False
 
     @field_validator("template")

@@ -144,6 +144,8 @@ class CommandResult:
     signal: int | None = None
     truncated_bytes: int = 0
     duration_ms: float = 0.0
+    denials: list[m.ExecDenial] = field(default_factory=list)
+    """Execs the sandbox's exec policy refused while the command ran (path, sha256, rule, audit_seq)."""
 
     @property
     def ok(self) -> bool:
@@ -246,7 +248,8 @@ def exec_body(cmd: str | list[str], **kw: Any) -> dict[str, Any]:
 
 def exec_result(r: dict[str, Any], timeout_s: float | None) -> CommandResult:
     res = CommandResult(r["stdout"], r["stderr"], r["exit_code"], r["pid"], r.get("signal"),
-                        r.get("truncated_bytes", 0), r.get("duration_ms", 0.0))
+                        r.get("truncated_bytes", 0), r.get("duration_ms", 0.0),
+                        [m.ExecDenial.model_validate(d) for d in r.get("denials") or ()])
     if r.get("timed_out"):
         raise errors.CommandTimeoutError(f"command timed out after {timeout_s}s and was killed",
                                          details={"stdout": res.stdout[-4096:], "stderr": res.stderr[-4096:]})

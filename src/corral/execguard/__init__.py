@@ -1,0 +1,1 @@
+"""Exec policy by content hash, enforced by the kernel (fanotify permission events)."""
