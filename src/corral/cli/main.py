@@ -352,23 +352,66 @@ def cmd_backup(a: argparse.Namespace) -> int:
 
 
 # ---- audit -------------------------------------------------------------------------------------
+def _when(text: str) -> float:
+    """A time bound: unix seconds, ISO 8601, or an age like 90s, 10m, 2h, 7d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+            return time.time() - float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise SystemExit(f"corral: {text!r} is not a time (unix seconds, ISO 8601, or an age like 10m)") from None
+
+
+def _audit_detail(x: dict[str, Any]) -> str:
+    d = x["detail"]
+    if x["action"] == "exec.decision":
+        sha = (d.get("sha256") or "")[:12]
+        return f"pid {d.get('pid', '?')} {d.get('path', '?')} sha256:{sha} {d.get('rule', '')}"
+    return str(d.get("cmd", d.get("path", d.get("rule", ""))))
+
+
+def _audit_row(x: dict[str, Any]) -> list[str]:
+    return [str(x["seq"]), _fmt_time(x["ts"]), clean(x["key_id"] or "-"), clean(x["action"]),
+            clean(x["target"] or "-"), clean(x["result"]), clean(_audit_detail(x))[:100]]
+
+
 def cmd_audit(a: argparse.Namespace) -> int:
     if a.target == "verify":
         r = _run(_with_client(lambda cl: cl.json("GET", "/audit/verify")))
         print(("OK: " if r["ok"] else "TAMPERED: ") + r["message"])
         return 0 if r["ok"] else 1
+    if a.follow:
+        async def follow(cl: c.Client) -> None:
+            audit = c.AsyncAudit(cl, a.target)
+            async for rec in audit.stream(kind=a.kind):
+                x = rec.model_dump(mode="json")
+                print(json.dumps(x) if a.json else "  ".join(_audit_row(x)), flush=True)
+
+        with contextlib.suppress(KeyboardInterrupt):
+            _run(_with_client(follow))
+        return 0
     params: dict[str, Any] = {"limit": a.limit}
-    if a.target:
-        params["target"] = a.target
+    for k in ("target", "kind"):
+        if getattr(a, k):
+            params[k] = getattr(a, k)
+    if a.since:
+        params["since"] = _when(a.since)
+    if a.until:
+        params["until"] = _when(a.until)
     r = _run(_with_client(lambda cl: cl.json("GET", "/audit", params=params)))
     recs = r["records"]
     if a.json:
         for rec in recs:
             print(json.dumps(rec))
         return 0
-    _table([[str(x["seq"]), _fmt_time(x["ts"]), clean(x["key_id"] or "-"), clean(x["action"]),
-             clean(x["target"] or "-"), clean(x["result"]), clean(x["detail"].get("cmd", x["detail"].get("path", "")))[:60]]
-            for x in recs], ["seq", "time", "key", "action", "target", "result", "detail"])
+    _table([_audit_row(x) for x in recs], ["seq", "time", "key", "action", "target", "result", "detail"])
     return 0
 
 
@@ -468,8 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     au = sub.add_parser("audit", help="list the audit log (of one sandbox), or `corral audit verify`")
     au.add_argument("target", nargs="?", help="a sandbox id, or 'verify' to check the hash chain")
-    au.add_argument("--json", action="store_true", help="JSON lines, for a SIEM")
+    au.add_argument("--json", "--jsonl", action="store_true", help="JSON lines, for a SIEM")
     au.add_argument("-n", "--limit", type=int, default=1000)
+    au.add_argument("-f", "--follow", action="store_true", help="stream new records as they are written")
+    au.add_argument("--kind", help="an action (exec.decision, exec.guard, sandbox.create…) or a prefix ending in '.'")
+    au.add_argument("--since", help="unix seconds, ISO 8601, or an age like 10m")
+    au.add_argument("--until", help="unix seconds, ISO 8601, or an age like 10m")
     au.set_defaults(fn=cmd_audit)
     return p
 

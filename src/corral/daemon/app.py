@@ -345,8 +345,41 @@ async def build_template(name: str, request: Request, force: bool = Query(False)
 
 @router.get("/audit", response_model=m.AuditList, name="audit.list")
 async def audit_list(request: Request, target: str | None = None, after: int = Query(0, ge=0),
-                     limit: int = Query(1000, ge=1, le=10000)) -> m.AuditList:
-    return _svc(request).audit_list(target, after, limit)
+                     limit: int = Query(1000, ge=1, le=10000),
+                     kind: str | None = Query(None, description="an action (exec.decision) or a prefix ending in '.'"),
+                     since: float | None = Query(None, description="unix time, inclusive"),
+                     until: float | None = Query(None, description="unix time, exclusive")) -> m.AuditList:
+    return _svc(request).audit_list(target, after, limit, kind=kind, since=since, until=until)
+
+
+@router.get("/audit/stream", name="audit.stream",
+            responses={200: {"content": {"application/x-ndjson": {}},
+                             "description": "audit records as JSON lines, live, until the client disconnects"}})
+async def audit_stream(request: Request, target: str | None = None, kind: str | None = None,
+                       after: int | None = Query(None, ge=0, description="start after this seq; absent: from now")
+                       ) -> StreamingResponse:
+    svc = _svc(request)
+    start = svc.audit_tail() if after is None else after
+
+    async def lines() -> AsyncIterator[bytes]:
+        last = start
+        idle = 0.0
+        while not await request.is_disconnected():
+            svc.flush_guard_events()
+            recs = svc.audit_list(target, last, 500, kind=kind).records
+            for r in recs:
+                yield (r.model_dump_json() + "\n").encode()
+                last = r.seq
+            if recs:
+                idle = 0.0
+                continue
+            await asyncio.sleep(0.1)
+            idle += 0.1
+            if idle >= 15:  # a blank line keeps proxies from closing a quiet stream
+                idle = 0.0
+                yield b"\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 @router.get("/audit/verify", response_model=m.AuditVerify, name="audit.verify")

@@ -740,9 +740,17 @@ class Service:
         return await self.agent(sandbox_id).request({"op": op, **args}, timeout_s=120)
 
     # ---- audit -------------------------------------------------------------------------------
-    def audit_list(self, target: str | None, after_seq: int, limit: int) -> m.AuditList:
-        rows = self.store.audit_entries(target=target, after_seq=after_seq, limit=limit)
+    def audit_list(self, target: str | None, after_seq: int, limit: int, kind: str | None = None,
+                   since: float | None = None, until: float | None = None) -> m.AuditList:
+        if target and target.startswith("sb-") and target in self.guards:
+            self.flush_guard_events()
+        rows = self.store.audit_entries(target=target, after_seq=after_seq, limit=limit, kind=kind, since=since,
+                                        until=until)
         return m.AuditList(records=[m.AuditRecord.model_validate(r.to_dict()) for r in rows])
+
+    def audit_tail(self) -> int:
+        self.flush_guard_events()
+        return self.store.audit_last_seq()
 
     def audit_verify(self) -> m.AuditVerify:
         r = chain.verify(self.store.iter_audit())

@@ -308,6 +308,11 @@ class Store:
         return [AuditEntry(seq=r.seq, ts=r.ts, key_id=r.key_id, action=r.action, target=r.target, result=r.result,
                            detail=json.loads(r.detail), prev_hash=r.prev_hash, hash=r.hash) for r in rows]
 
+    def audit_last_seq(self) -> int:
+        with self._tx() as c:
+            row = c.execute(select(audit.c.seq).order_by(audit.c.seq.desc()).limit(1)).first()
+        return int(row[0]) if row else 0
+
     def iter_audit(self, batch: int = 5000) -> Iterator[AuditEntry]:
         after = 0
         while True:

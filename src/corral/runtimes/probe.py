@@ -92,6 +92,7 @@ def probe() -> list[Feature]:
     f.append(Feature("template-busybox", bool(bb), "busybox builds the busybox template" if bb
                      else "apt-get install busybox-static for the busybox template"))
     f.append(hibernation())
+    f.append(exec_guard())
     runsc = shutil.which("runsc")
     f.append(Feature("gvisor", bool(runsc), "runsc found (tier not yet wired)" if runsc else "runsc not installed"))
     kvm = os.path.exists("/dev/kvm")
@@ -122,6 +123,17 @@ def hibernation() -> Feature:
         return Feature("hibernation", False, f"{path} found, but hibernatable sandboxes run on runc: apt-get install runc")
     return Feature("hibernation", True, f"CRIU {ver.strip().removeprefix('Version: ')} at {path}, driven by runc; "
                                         "sandboxes created with hibernatable=true can pause(to_disk=True)")
+
+
+def exec_guard() -> Feature:
+    from corral.execguard import kernel
+
+    ok, why = kernel.available()
+    _, lsm = kernel.bpf_lsm()
+    if not ok:
+        return Feature("exec-guard", False, f"{why}; sandboxes with an exec policy are refused. BPF LSM: {lsm}")
+    return Feature("exec-guard", True, f"active backend: {why} (+ vm.memfd_noexec=2 per sandbox, loader rule); "
+                                       f"BPF LSM: {lsm}")
 
 
 def runtime_name() -> str | None:

@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,6 +256,38 @@ def exec_result(r: dict[str, Any], timeout_s: float | None) -> CommandResult:
     return res
 
 
+class AsyncAudit:
+    """The audit log: of one sandbox (``sb.audit``) or of everything (``AsyncAudit(client)``)."""
+
+    def __init__(self, client: Client, target: str | None = None):
+        self._client = client
+        self._target = target
+
+    def _params(self, **kw: Any) -> dict[str, Any]:
+        params = {k: v for k, v in kw.items() if v is not None}
+        if self._target:
+            params["target"] = self._target
+        return params
+
+    async def list(self, kind: str | None = None, since: float | None = None, until: float | None = None,
+                   after: int = 0, limit: int = 1000) -> list[m.AuditRecord]:
+        """Records, oldest first. ``kind``: an action such as ``exec.decision``, or a prefix ending in '.'."""
+        r = await self._client.json("GET", "/audit", params=self._params(kind=kind, since=since, until=until,
+                                                                         after=after, limit=limit))
+        return [m.AuditRecord.model_validate(x) for x in r["records"]]
+
+    async def stream(self, kind: str | None = None, after: int | None = None) -> AsyncGenerator[m.AuditRecord, None]:
+        """Records as they are written (from now, or after seq ``after``), until the caller stops."""
+        async with self._client.stream("GET", "/audit/stream", params=self._params(kind=kind, after=after),
+                                       timeout=httpx.Timeout(10.0, read=None)) as r:
+            async for line in r.aiter_lines():
+                if line.strip():
+                    yield m.AuditRecord.model_validate_json(line)
+
+    async def verify(self) -> m.AuditVerify:
+        return m.AuditVerify.model_validate(await self._client.json("GET", "/audit/verify"))
+
+
 class AsyncCommands:
     def __init__(self, sandbox: AsyncSandbox):
         self._sb = sandbox
@@ -402,6 +434,7 @@ class AsyncSandbox:
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self.pty = AsyncPty(self)
+        self.audit = AsyncAudit(client, self.info.id)
 
     @property
     def id(self) -> str:

@@ -161,6 +161,34 @@ class Files:
         return run(self._f.rename(src, dst))
 
 
+class Audit:
+    def __init__(self, inner: c.AsyncAudit):
+        self._a = inner
+
+    def list(self, kind: str | None = None, since: float | None = None, until: float | None = None,
+             after: int = 0, limit: int = 1000) -> list[m.AuditRecord]:
+        return run(self._a.list(kind, since, until, after, limit))
+
+    def stream(self, kind: str | None = None, after: int | None = None) -> Iterator[m.AuditRecord]:
+        """Records as they are written; stop iterating (break) to close the stream."""
+        agen = self._a.stream(kind, after)
+
+        async def step() -> m.AuditRecord:
+            return await agen.__anext__()
+
+        try:
+            while True:
+                try:
+                    yield run(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            run(agen.aclose())
+
+    def verify(self) -> m.AuditVerify:
+        return run(self._a.verify())
+
+
 class Sandbox:
     """A Corral sandbox (synchronous). ``with Sandbox.create(...) as sb:`` kills it on exit."""
 
@@ -169,6 +197,7 @@ class Sandbox:
         self.commands = Commands(inner.commands)
         self.files = Files(inner.files)
         self.pty = Pty(inner.pty)
+        self.audit = Audit(inner.audit)
 
     @property
     def id(self) -> str:
