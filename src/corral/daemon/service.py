@@ -790,7 +790,7 @@ class Service:
                 return
             self.exec_plans[rec.id] = plan
         self._loop = asyncio.get_running_loop()
-        self._guard_off(rec.id)
+        self._guard_off(rec.id, keep_holder=adopt)
         pid = self.runtime.read_pid(rec.id)
         if not pid:
             raise errors.RuntimeUnavailableError(f"sandbox {rec.id} has no init process to guard")
@@ -801,11 +801,16 @@ class Service:
         how = "armed"
         try:
             if adopt and holder.exists():
-                try:
-                    guard.adopt(int(holder.read_text()))
+                hpid = int(holder.read_text() or 0)
+                if is_holder(hpid):
+                    # Its group may hold execs waiting for an answer: if it cannot be taken back, the
+                    # sandbox stops (a new group would not see them, and closing the old one allows them).
+                    guard.adopt(hpid)
                     how = "adopted"
-                except (OSError, ValueError) as e:
-                    log.warning("exec guard of %s: holder lost (%s); arming a new one", rec.id, e)
+                else:
+                    log.warning("exec guard of %s: its holder is gone; arming a new one", rec.id)
+                    holder.unlink(missing_ok=True)
+                    how = "rearmed"
             if how != "adopted":
                 mounts = await asyncio.to_thread(guard.arm, pid)
                 if plan.mode == "enforce":
@@ -820,7 +825,7 @@ class Service:
         detail: dict[str, Any] = {"kind": "guard", "mode": plan.mode, "backend": "fanotify", "how": how,
                                   "deny_hashes": len(plan.deny),
                                   "allow_hashes": None if plan.allow is None else len(plan.allow)}
-        if how == "armed":
+        if how != "adopted":
             detail["mounts"] = mounts
         self.audit(None, "exec.guard", rec.id, how, detail)
 

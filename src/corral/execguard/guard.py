@@ -325,14 +325,14 @@ class ExecGuard:
         verdict = decide(self.plan, facts.sha256, as_program_loader=loader and not as_interp,
                          corral_runtime=key in self.runtime_ids)
         detail["rule"] = verdict.rule
+        if facts.interp and not as_interp and (verdict.allowed or not enforce):  # the exec goes on
+            p = self._pending(tid, facts.interp)
+            if p is not None:
+                self.pending[tid] = p
         if not verdict.allowed:
             detail["verdict"] = "deny" if enforce else "would-deny"
             return not enforce, False
         detail["verdict"] = "allow"
-        if facts.interp and not as_interp:
-            p = self._pending(tid, facts.interp)
-            if p is not None:
-                self.pending[tid] = p
         if enforce:
             self.verify.append((time.monotonic() + VERIFY_AFTER_S, efd, (st.st_size, st.st_mtime_ns, st.st_ctime_ns),
                                 tid, path))

@@ -127,7 +127,9 @@ def compile_exec(policy: ExecPolicy, index: ExecIndex, template: str = "") -> Ex
                 hashes.update(index.files.values())
             else:
                 hashes.update(_resolve(e, index, template))
-        allow = frozenset(hashes)
+        # The template's dynamic loaders come with any allowed dynamic binary (the kernel loads them
+        # as its interpreter); run as programs they are still refused by the loader rule.
+        allow = frozenset(hashes | index.loaders)
     return ExecPlan(mode=policy.mode, deny=deny, allow=allow, loaders=index.loaders,
                     max_hash_bytes=policy.max_hash_mib * 1024 * 1024)
 
