@@ -87,6 +87,9 @@ def _bind_sockets(settings: DaemonSettings) -> list[socket.socket]:
 
 def run_daemon(settings: DaemonSettings) -> None:
     setup_logging(settings.log_level)
+    # Exec-guard threads answer the kernel while an exec waits: a thread that woke up must not wait
+    # the default 5 ms for the event loop to hand over the GIL.
+    sys.setswitchinterval(0.0005)
     if os.geteuid() != 0:
         raise errors.RuntimeUnavailableError("corrald must run as root (it creates namespaces, mounts and cgroups)")
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -768,9 +768,10 @@ class Service:
             raise errors.RuntimeUnavailableError(f"this sandbox has an exec policy, but {why}",
                                                  hint="`corral doctor` shows the exec guard's backend")
         if policy.root == "host":
-            if self._host_index is None:
+            named = [e for e in [*ep.deny, *(ep.allow or [])] if not e.startswith("sha256:")]
+            if named and self._host_index is None:  # hashing the host's programs takes a while: only if needed
                 self._host_index = await asyncio.to_thread(exec_index.host_index)
-            idx = self._host_index
+            idx = self._host_index if named and self._host_index else ExecIndex(complete=False)
         else:
             tpl = self.templates.get(policy.template)
             if tpl is None:
@@ -858,7 +859,9 @@ class Service:
                 return
             self._guard_flush_pending = True
         with contextlib.suppress(RuntimeError):  # the loop is closing
-            self._loop.call_soon_threadsafe(self.flush_guard_events)
+            # Batched: an exec-heavy sandbox makes thousands of decisions a second, and every wakeup of
+            # the loop competes with the guard for the GIL. Readers (exec results, audit queries) flush first.
+            self._loop.call_soon_threadsafe(self._loop.call_later, 0.05, self.flush_guard_events)
 
     def flush_guard_events(self) -> None:
         with self._guard_lock:

@@ -44,6 +44,7 @@ log = logging.getLogger("corral.execguard")
 
 FRESH_S = 0.05  # well above the coarsest ctime granularity (one jiffy)
 INTERP_WINDOW_S = 2.0
+INTERP_CACHE_S = 1.0
 VERIFY_AFTER_S = 0.02
 CACHE_MAX = 20000
 HOLDER_FD = 3
@@ -90,11 +91,18 @@ def exec_mounts(pid: int) -> list[str]:
 
 
 def _regs(tid: int) -> str:
-    try:
-        with open(f"/proc/{tid}/syscall") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+    """The syscall a thread is blocked in, with its arguments, stack and instruction pointers. A thread
+    that just queued an event may not be asleep yet ("running"): wait for it to block on our answer."""
+    for i in range(200):
+        try:
+            with open(f"/proc/{tid}/syscall") as f:
+                regs = f.read().strip()
+        except OSError:
+            return ""
+        if regs != "running":
+            return regs
+        time.sleep(0 if i < 20 else 0.0001)
+    return ""
 
 
 def _status(tid: int) -> tuple[int, int, int]:
@@ -157,6 +165,7 @@ class ExecGuard:
         self.holder_pid: int | None = None
         self.cache: dict[tuple[int, int], tuple[tuple[int, int, int], elf.FileFacts]] = {}
         self.pending: dict[int, _Pending] = {}
+        self._interp_cache: dict[str, tuple[tuple[int, int] | None, float]] = {}
         self.verify: deque[tuple[float, int, tuple[int, int, int], int, str]] = deque()
         self.decisions = 0
         self.failed: str | None = None
@@ -318,7 +327,7 @@ class ExecGuard:
         detail["sha256"] = facts.sha256
         pend = self.pending.pop(tid, None)
         as_interp = (pend is not None and pend.key == key and time.monotonic() - pend.t < INTERP_WINDOW_S
-                     and pend.regs == _regs(tid))
+                     and bool(pend.regs) and pend.regs == _regs(tid))
         if as_interp:
             detail["kind"] = "interpreter"
         loader = facts.sha256 in self.plan.loaders or elf.is_loader_name(path)
@@ -339,9 +348,19 @@ class ExecGuard:
             return True, True
         return True, False
 
+    def _pending(self, tid: int, interp: str) -> _Pending | None:
+        """Where the kernel will find this binary's interpreter, if the exec can get that far. The
+        answer is cached briefly: a stale one can only fail to match (the loader rule then applies)."""
+        now = time.monotonic()
+        hit = self._interp_cache.get(interp)
+        if hit is not None and now - hit[1] < INTERP_CACHE_S:
+            return None if hit[0] is None else _Pending(hit[0], _regs(tid), now)
+        p = self._resolve_interp(tid, interp)
+        self._interp_cache[interp] = (p.key if p else None, now)
+        return p
+
     @staticmethod
-    def _pending(tid: int, interp: str) -> _Pending | None:
-        """Where the kernel will find this binary's interpreter, if the exec can get that far."""
+    def _resolve_interp(tid: int, interp: str) -> _Pending | None:
         try:
             root = os.open(f"/proc/{tid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
