@@ -1,0 +1,114 @@
+"""Secrets at rest and the installation CA (no network)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import ssl
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from corral.network.proxy import _Redactor, parse_sni
+from corral.network.secrets import CertificateAuthority, SecretError, SecretStore
+from corral.policy.network import SecretBinding
+
+B = SecretBinding(name="github", hosts=("api.github.com",), env="GITHUB_TOKEN")
+VALUE = "ghp_0123456789abcdefghijklmnopqrstuvwxyzAB"
+
+
+def test_store_encrypts_at_rest_with_a_private_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CORRAL_SECRET_KEY", raising=False)
+    store = SecretStore(tmp_path)
+    info = store.set(B, VALUE)
+    assert stat.S_IMODE((tmp_path / "secret.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "secrets.json").stat().st_mode) == 0o600
+    for f in tmp_path.iterdir():
+        assert VALUE.encode() not in f.read_bytes()
+    assert store.get_value("github") == VALUE
+    assert SecretStore(tmp_path).get_value("github") == VALUE  # a new instance reads the same key
+    listed = store.list()
+    assert [(i.name, i.binding) for i in listed] == [("github", B)]
+    assert VALUE not in repr(listed)
+    # The placeholder is stable across updates and does not reveal the exact length.
+    assert info.placeholder.startswith("corral-placeholder-github-") and len(info.placeholder) % 16 == 0
+    assert store.set(B, VALUE + "x").placeholder == info.placeholder
+    store.delete("github")
+    assert store.list() == []
+    with pytest.raises(SecretError) as e:
+        store.get_value("github")
+    assert VALUE not in str(e.value)
+
+
+def test_tampering_and_wrong_key_are_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORRAL_SECRET_KEY", base64.b64encode(os.urandom(32)).decode())
+    store = SecretStore(tmp_path)
+    store.set(B, VALUE)
+    assert not (tmp_path / "secret.key").exists()  # the environment's key is used, no file
+    monkeypatch.setenv("CORRAL_SECRET_KEY", os.urandom(32).hex())
+    with pytest.raises(SecretError, match="cannot be decrypted"):
+        SecretStore(tmp_path).get_value("github")
+    monkeypatch.setenv("CORRAL_SECRET_KEY", "short")
+    with pytest.raises(SecretError):
+        SecretStore(tmp_path).get_value("github")
+
+
+def test_values_that_could_split_headers_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CORRAL_SECRET_KEY", raising=False)
+    store = SecretStore(tmp_path)
+    for bad in ["", "a\r\nX-Evil: 1", "a\x00b"]:
+        with pytest.raises(SecretError):
+            store.set(B, bad)
+    data = json.loads((tmp_path / "secrets.json").read_text()) if (tmp_path / "secrets.json").exists() else {}
+    assert data == {}
+
+
+def test_ca_issues_leaves_clients_can_verify(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path)
+    assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(ca.ca_pem)
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert CertificateAuthority(tmp_path).ca_pem == ca.ca_pem  # persistent per installation
+    ctx = ca.server_context("api.github.com")
+    assert ca.server_context("api.github.com") is ctx  # cached
+    chain, _ = ca.leaf_pem("api.github.com")
+    leaf = x509.load_pem_x509_certificate(chain)
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["api.github.com"]
+    client = ssl.create_default_context(cadata=ca.ca_pem.decode())
+    client.load_verify_locations(cadata=ca.ca_pem.decode())
+    # A full in-memory handshake: the client trusts the leaf for its name only.
+    for name, ok in (("api.github.com", True), ("evil.com", False)):
+        c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+        cl = client.wrap_bio(c_in, c_out, server_hostname=name)
+        sv = ctx.wrap_bio(s_in, s_out, server_side=True)
+        err = None
+        for _ in range(10):
+            for side in (cl, sv):
+                try:
+                    side.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLError as e:
+                    err = e
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+            if err:
+                break
+        assert (err is None) == ok
+
+
+def test_sni_parser_and_redactor() -> None:
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ssl.create_default_context().wrap_bio(c_in, c_out, server_hostname="pypi.org")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = c_out.read()
+    assert parse_sni(hello) == (True, "pypi.org")
+    assert parse_sni(hello[:20]) == (False, None)
+    r = _Redactor([b"SECRETVALUE"])
+    out = r.feed(b"abc SECRET") + r.feed(b"VALUE def SEC") + r.feed(b"RETVALUE") + r.flush()
+    assert out == b"abc *********** def ***********"
