@@ -871,13 +871,15 @@ class EgressProxy:
                 new = [(k, v) for k, v in new if k.lower() != inj.header.lower()]
                 new.append((inj.header, rendered))
                 forms.append(rendered.encode())
-                uses.append(binding.name)
+                if binding.name not in uses:
+                    uses.append(binding.name)
             elif isinstance(inj, BasicAuthInjection):
                 token = base64.b64encode(f"{inj.username}:{value}".encode()).decode()
                 new = [(k, v) for k, v in new if k.lower() != "authorization"]
                 new.append(("Authorization", f"Basic {token}"))
                 forms.append(token.encode())
-                uses.append(binding.name)
+                if binding.name not in uses:
+                    uses.append(binding.name)
         return new, uses, misuses, forms
 
     @staticmethod
