@@ -280,18 +280,24 @@ true_b = open("/usr/bin/true", "rb").read()
 curl_b = open("/usr/bin/curl", "rb").read()
 stop = time.monotonic() + float(sys.argv[1])
 ran_curl = execs = 0
+statuses = set()
 def run(path):
+    # exec path --version with stdout on a pipe; count it, and whether curl's code printed
     global ran_curl, execs
+    rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.dup2(wfd, 1); os.close(rfd)
         try:
-            fd = os.open("/dev/null", os.O_WRONLY); os.dup2(fd, 2)
             os.execv(path, [path, "--version"])
         except OSError as e:
             os._exit(100 + (e.errno % 100))
-    st = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    os.close(wfd)
+    data = os.read(rfd, 200); os.close(rfd)
+    statuses.add(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
     execs += 1
-    return st
+    if b"curl" in data:
+        ran_curl += 1
 """
 
 
@@ -314,25 +320,10 @@ def test_a17_write_during_exec_race(guarded):
                         pass
             return n
         t = threading.Thread(target=writer); t.start()
-        outs = set()
         while time.monotonic() < stop:
-            rfd, wfd = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.dup2(wfd, 1); os.close(rfd)
-                try:
-                    os.execv(path, [path, "--version"])
-                except OSError as e:
-                    os._exit(100 + (e.errno % 100))
-            os.close(wfd)
-            data = os.read(rfd, 200); os.close(rfd)
-            st = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-            execs += 1
-            outs.add(st)
-            if b"curl" in data:
-                ran_curl += 1
+            run(path)
         t.join()
-        done(ran_curl=ran_curl, execs=execs, statuses=sorted(outs))
+        done(ran_curl=ran_curl, execs=execs, statuses=sorted(statuses))
     """), 4)
     assert r["execs"] > 20 and r["ran_curl"] == 0, r
 
@@ -347,24 +338,10 @@ def test_a18_rename_swap_race(guarded):
             while time.monotonic() < stop:
                 libc.renameat2(-100, a.encode(), -100, b.encode(), RENAME_EXCHANGE)
         t = threading.Thread(target=swapper); t.start()
-        seen = set()
         while time.monotonic() < stop:
-            rfd, wfd = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.dup2(wfd, 1); os.close(rfd)
-                try:
-                    os.execv(a, [a, "--version"])
-                except OSError as e:
-                    os._exit(100 + (e.errno % 100))
-            os.close(wfd)
-            data = os.read(rfd, 200); os.close(rfd)
-            seen.add(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-            execs += 1
-            if b"curl" in data:
-                ran_curl += 1
+            run(a)
         t.join()
-        done(ran_curl=ran_curl, execs=execs, statuses=sorted(seen))
+        done(ran_curl=ran_curl, execs=execs, statuses=sorted(statuses))
     """), 4)
     # Each swap changes both files' ctime, so every exec is hashed afresh (after FRESH_S): few execs,
     # each decided on the content it opened: true ran (0) or curl was refused (EPERM -> 101).
