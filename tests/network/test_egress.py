@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import struct
 import sys
@@ -32,6 +31,7 @@ from corral.policy.network import (
     SecretBinding,
     compile_network,
 )
+from tests.conftest import require
 from tests.network.upstreams import EchoServer, FakeDNS, LoopThread, Namespace, UpstreamCA, run, upstream_network
 
 pytestmark = pytest.mark.kernel
@@ -109,8 +109,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, nftables)")
+    require("root")  # network namespaces, nftables
     tmp = tmp_path_factory.mktemp("egress")
     capture = _Capture()
     logging.getLogger("corral").addHandler(capture)
