@@ -74,6 +74,7 @@ class Service:
         self.exec_plans: dict[str, ExecPlan] = {}
         self._runtime_ids: frozenset[tuple[int, int]] | None = None
         self._host_index: ExecIndex | None = None
+        self._template_indexes: dict[tuple[str, float], ExecIndex] = {}
         self._guard_q: list[tuple[str, dict[str, Any], float]] = []
         self._guard_lock = threading.Lock()
         self._guard_flush_pending = False
@@ -776,8 +777,11 @@ class Service:
             tpl = self.templates.get(policy.template)
             if tpl is None:
                 raise errors.TemplateNotFoundError(f"template {policy.template} is not built")
-            idx = await asyncio.to_thread(exec_index.load_or_build, self.templates.path(policy.template),
-                                          Path(tpl.rootfs), tpl.built_at)
+            key = (policy.template, tpl.built_at)
+            if key not in self._template_indexes:  # read (or built) once per template build, not per create
+                self._template_indexes[key] = await asyncio.to_thread(
+                    exec_index.load_or_build, self.templates.path(policy.template), Path(tpl.rootfs), tpl.built_at)
+            idx = self._template_indexes[key]
         return compile_exec(ep, idx, template=policy.template if policy.root != "host" else "")
 
     def _guard_holder_file(self, sandbox_id: str) -> Path:

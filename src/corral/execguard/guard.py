@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import select
 import signal
 import stat
@@ -50,6 +51,7 @@ CACHE_MAX = 20000
 HOLDER_FD = 3
 
 Sink = Callable[[str, dict[str, Any]], None]
+_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 @dataclass
@@ -61,15 +63,7 @@ class _Pending:
 
 def _unescape(s: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) + 1 and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
+    return _OCTAL.sub(lambda m: chr(int(m[1], 8)), s)
 
 
 # Kernel pseudo filesystems hold no file a sandbox can write, and fanotify refuses some of them.

@@ -12,22 +12,18 @@ _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _libc.syscall.restype = ctypes.c_long
 
 FAN_CLOEXEC = 0x1
-FAN_NONBLOCK = 0x2
 FAN_CLASS_CONTENT = 0x4
 FAN_UNLIMITED_QUEUE = 0x10
 FAN_REPORT_TID = 0x100
 FAN_MARK_ADD = 0x1
 FAN_MARK_MOUNT = 0x10
-FAN_MARK_FILESYSTEM = 0x100
 FAN_OPEN_EXEC_PERM = 0x40000
-FAN_Q_OVERFLOW = 0x4000
 FAN_ALLOW = 0x1
 FAN_DENY = 0x2
 AT_FDCWD = -100
 
 EVENT = struct.Struct("=IBBHQii")  # struct fanotify_event_metadata
 RESPONSE = struct.Struct("=iI")  # struct fanotify_response
-FANOTIFY_METADATA_VERSION = 3
 
 SYS_OPENAT2 = 437
 SYS_PIDFD_GETFD = 438
