@@ -22,19 +22,30 @@ from corral.errors import (
     RuntimeUnavailableError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    SecretNotFoundError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
     VolumeNotFoundError,
 )
+from corral.policy.network import NetworkPolicy
 from corral.policy.spec import ResourcePolicy, SandboxPolicy
-from corral.sdk.client import AsyncSandbox, AsyncSnapshots, AsyncVolume, Client, CommandResult, FileInfo
-from corral.sdk.sync import Sandbox, Snapshots, Volume
+from corral.sdk.client import (
+    AsyncSandbox,
+    AsyncSecrets,
+    AsyncSnapshots,
+    AsyncVolume,
+    Client,
+    CommandResult,
+    FileInfo,
+)
+from corral.sdk.sync import Sandbox, Secrets, Snapshots, Volume
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AgentError",
     "AsyncSandbox",
+    "AsyncSecrets",
     "AsyncSnapshots",
     "AsyncVolume",
     "AuthenticationError",
@@ -50,6 +61,7 @@ __all__ = [
     "InternalError",
     "InvalidPathError",
     "InvalidRequestError",
+    "NetworkPolicy",
     "NotFoundError",
     "PayloadTooLargeError",
     "PolicyRejectedError",
@@ -60,6 +72,8 @@ __all__ = [
     "SandboxNotFoundError",
     "SandboxNotRunningError",
     "SandboxPolicy",
+    "SecretNotFoundError",
+    "Secrets",
     "SnapshotNotFoundError",
     "Snapshots",
     "TemplateNotFoundError",

@@ -95,6 +95,11 @@ class SnapshotNotFoundError(NotFoundError):
     default_hint = "list snapshots with `corral snapshot ls`"
 
 
+class SecretNotFoundError(NotFoundError):
+    code = "SecretNotFound"
+    default_hint = "list secrets with `corral secret ls`; register one with `corral secret set NAME --host HOST`"
+
+
 class VolumeNotFoundError(NotFoundError):
     code = "VolumeNotFound"
     default_hint = "list volumes with `corral volume ls`; create one with Volume.create(name)"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from corral.policy.network import BasicAuthInjection, HeaderInjection, PlaceholderInjection
 from corral.policy.spec import SandboxPolicy
 
 SANDBOX_ID = re.compile(r"^sb-[0-9a-f]{12}$")
@@ -59,6 +60,39 @@ class UpdateSandboxRequest(_Model):
 
     timeout_s: int | None = Field(None, ge=1, le=365 * 86400)
     idle_timeout_s: int | None = Field(None, ge=1, le=365 * 86400)
+
+
+class NetworkUpdate(_Model):
+    """New allow and/or deny lists for a networked sandbox (absent: unchanged). New connections and
+    DNS answers follow them at once; open connections keep going."""
+
+    allow: list[str] | None = Field(None, max_length=1024)
+    deny: list[str] | None = Field(None, max_length=1024)
+
+
+class SecretSet(_Model):
+    """Register (or replace) a secret. The value is stored encrypted and never returned."""
+
+    value: SecretStr = Field(description="the credential; one line, at most 16 KiB")
+    hosts: list[str] = Field(min_length=1, max_length=64,
+                             description="names ('api.github.com') or '*.' suffixes it is injected for")
+    injection: HeaderInjection | BasicAuthInjection | PlaceholderInjection = Field(
+        default_factory=HeaderInjection, discriminator="kind",
+        description="header template (default 'Authorization: Bearer {value}'), basic auth, or placeholder "
+                    "substitution in the listed headers")
+    env: str | None = Field(None, description="variable that carries the placeholder in sandboxes using it")
+
+
+class SecretInfo(_Model):
+    name: str
+    hosts: list[str]
+    injection: HeaderInjection | BasicAuthInjection | PlaceholderInjection = Field(discriminator="kind")
+    env: str | None = None
+    placeholder: str = Field(description="what sandboxes see instead of the value")
+
+
+class SecretList(_Model):
+    secrets: list[SecretInfo]
 
 
 class SnapshotCreate(_Model):

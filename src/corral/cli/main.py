@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -170,6 +171,10 @@ def _policy_args(a: argparse.Namespace) -> dict[str, Any]:
         body["resources"] = res
     if a.env:
         body["env"] = dict(_kv(e) for e in a.env)
+    if a.allow or a.deny or a.secret or a.network:
+        body["network"] = {"allow": a.allow or [], "deny": a.deny or []}
+    if a.secret:
+        body["secrets"] = a.secret
     return body
 
 
@@ -296,6 +301,79 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
              ",".join(s["in_use_by"]) or "-"] for s in r["snapshots"]],
            ["id", "name", "from", "template", "files", "size", "new", "created", "in use by"])
     return 0
+
+
+# ---- network and secrets -----------------------------------------------------------------------
+def cmd_network(a: argparse.Namespace) -> int:
+    body = {k: v for k, v in (("allow", a.allow), ("deny", a.deny)) if v is not None}
+    if a.clear_deny:
+        body["deny"] = []
+    if body:
+        info = _run(_with_client(lambda cl: cl.json("PUT", f"/sandboxes/{a.id}/network", json=body)))
+    else:
+        info = _run(_with_client(lambda cl: cl.json("GET", f"/sandboxes/{a.id}")))
+    net = info["policy"].get("network")
+    print(json.dumps({"network": net, "secrets": info["policy"].get("secrets", [])}, indent=2))
+    return 0
+
+
+def _read_secret_value(a: argparse.Namespace) -> str:
+    if a.value_file:
+        text = Path(a.value_file).read_text()
+    elif sys.stdin.isatty():
+        import getpass
+
+        text = getpass.getpass(f"value of {a.name}: ")
+    else:
+        text = sys.stdin.read()
+    return text.rstrip("\r\n")  # `echo token | corral secret set` and files end with a newline
+
+
+def cmd_secret(a: argparse.Namespace) -> int:
+    if a.action == "set":
+        if sum(bool(x) for x in (a.header, a.basic_user, a.placeholder_header)) > 1:
+            raise SystemExit("choose one of --header, --basic-user and --placeholder-header")
+        injection: dict[str, Any] = {"kind": "header"}
+        if a.header:
+            name, sep, template = a.header.partition(":")
+            if not sep:
+                raise SystemExit("--header wants 'Name: template with {value}', e.g. 'Authorization: Bearer {value}'")
+            injection.update(header=name.strip(), template=template.strip())
+        elif a.basic_user:
+            injection = {"kind": "basic", "username": a.basic_user}
+        elif a.placeholder_header:
+            injection = {"kind": "placeholder", "headers": a.placeholder_header}
+        body = {"value": _read_secret_value(a), "hosts": a.host, "injection": injection, "env": a.env}
+        r = _run(_with_client(lambda cl: cl.json("PUT", f"/secrets/{a.name}", json=body)))
+        print(f"{r['name']}: hosts {', '.join(r['hosts'])}; sandboxes see {r['placeholder']}")
+        return 0
+    if a.action == "rm":
+        for name in a.names:
+            _run(_with_client(lambda cl, name=name: cl.request("DELETE", f"/secrets/{name}")))
+            print(name)
+        return 0
+    r = _run(_with_client(lambda cl: cl.json("GET", "/secrets")))
+    if a.json:
+        print(json.dumps(r["secrets"], indent=2))
+        return 0
+
+    def how(inj: dict[str, Any]) -> str:
+        if inj["kind"] == "header":
+            return f"{inj['header']}: {inj['template']}"
+        if inj["kind"] == "basic":
+            return f"basic auth as {inj['username']}"
+        return "placeholder in " + ", ".join(inj["headers"])
+
+    _table([[x["name"], ",".join(x["hosts"]), how(x["injection"]), x["env"] or "-", x["placeholder"]]
+            for x in r["secrets"]], ["name", "hosts", "injection", "env", "placeholder"])
+    return 0
+
+
+def cmd_logs(a: argparse.Namespace) -> int:
+    """`corral logs --audit sb-…`: what happened in a sandbox (API calls, exec and network decisions,
+    secret uses), from the audit log."""
+    a.target = a.id
+    return cmd_audit(a)
 
 
 # ---- volumes -----------------------------------------------------------------------------------
@@ -445,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--memory-mib", type=int)
     cr.add_argument("--pids-max", type=int)
     cr.add_argument("--env", action="append", metavar="KEY=VALUE")
+    cr.add_argument("--allow", action="append", metavar="ENTRY",
+                    help="egress allow entry: name, *.suffix, CIDR, with optional :port (gives the sandbox a network)")
+    cr.add_argument("--deny", action="append", metavar="ENTRY", help="egress deny entry (deny wins)")
+    cr.add_argument("--secret", action="append", metavar="NAME", help="a registered secret the proxy injects")
+    cr.add_argument("--network", action="store_true", help="a network with nothing allowed yet (see `corral network`)")
     ls = sbs.add_parser("ls", help="list sandboxes")
     ls.add_argument("--json", action="store_true")
     info = sbs.add_parser("info", help="show one sandbox as JSON")
@@ -518,6 +601,41 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--since", help="unix seconds, ISO 8601, or an age like 10m")
     au.add_argument("--until", help="unix seconds, ISO 8601, or an age like 10m")
     au.set_defaults(fn=cmd_audit)
+
+    lg = sub.add_parser("logs", help="a sandbox's audit trail: API calls, exec, network and secret decisions")
+    lg.add_argument("id")
+    lg.add_argument("--audit", action="store_true", help="the audit log (the only log kept per sandbox)")
+    lg.add_argument("--json", "--jsonl", action="store_true", help="JSON lines")
+    lg.add_argument("-n", "--limit", type=int, default=1000)
+    lg.add_argument("-f", "--follow", action="store_true", help="stream new records as they are written")
+    lg.add_argument("--kind", help="an action (net.deny, secret.use, exec.decision…) or a prefix ending in '.'")
+    lg.add_argument("--since", help="unix seconds, ISO 8601, or an age like 10m")
+    lg.add_argument("--until", help="unix seconds, ISO 8601, or an age like 10m")
+    lg.set_defaults(fn=cmd_logs)
+
+    nw = sub.add_parser("network", help="show or change a sandbox's egress lists (live)")
+    nw.add_argument("id")
+    nw.add_argument("--allow", action="append", metavar="ENTRY", help="the new allow list (repeat; replaces it)")
+    nw.add_argument("--deny", action="append", metavar="ENTRY", help="the new deny list (repeat; replaces it)")
+    nw.add_argument("--clear-deny", action="store_true", help="empty the deny list")
+    nw.set_defaults(fn=cmd_network)
+
+    se = sub.add_parser("secret", help="credentials the egress proxy injects; values never come back out")
+    ses = se.add_subparsers(dest="action", required=True)
+    ss = ses.add_parser("set", help="register or replace a secret; the value is read from stdin (or a prompt)")
+    ss.add_argument("name")
+    ss.add_argument("--host", action="append", required=True, help="name or *.suffix it is injected for (repeat)")
+    ss.add_argument("--header", help="'Name: template' with {value}; default 'Authorization: Bearer {value}'")
+    ss.add_argument("--basic-user", help="inject as HTTP basic auth with this user name")
+    ss.add_argument("--placeholder-header", action="append",
+                    help="replace the placeholder by the value only inside this header (repeat)")
+    ss.add_argument("--env", help="variable that carries the placeholder in sandboxes using the secret")
+    ss.add_argument("--value-file", help="read the value from this file instead of stdin")
+    sl = ses.add_parser("ls", help="names, hosts, injection and placeholders (never values)")
+    sl.add_argument("--json", action="store_true")
+    sr = ses.add_parser("rm")
+    sr.add_argument("names", nargs="+", metavar="name")
+    se.set_defaults(fn=cmd_secret)
     return p
 
 

@@ -108,6 +108,12 @@ async def update_sandbox(sandbox_id: str, body: m.UpdateSandboxRequest, request:
     return _svc(request).update(sandbox_id, body)
 
 
+@router.put("/sandboxes/{sandbox_id}/network", response_model=m.SandboxInfo, name="sandbox.network_update")
+async def update_network(sandbox_id: str, body: m.NetworkUpdate, request: Request) -> m.SandboxInfo:
+    request.state.audit_detail = body.model_dump(exclude_none=True)
+    return await _svc(request).update_network(sandbox_id, body)
+
+
 @router.post("/sandboxes/{sandbox_id}/start", response_model=m.SandboxInfo, name="sandbox.start")
 async def start_sandbox(sandbox_id: str, request: Request) -> m.SandboxInfo:
     return await _svc(request).start(sandbox_id)
@@ -244,6 +250,26 @@ async def create_volume(body: m.VolumeCreate, request: Request) -> m.VolumeInfo:
     return await _svc(request).create_volume(body)
 
 
+@router.put("/secrets/{name}", response_model=m.SecretInfo, name="secret.set")
+async def set_secret(name: str, body: m.SecretSet, request: Request) -> m.SecretInfo:
+    request.state.audit_target = name
+    info = _svc(request).set_secret(name, body)
+    request.state.audit_detail = {"hosts": info.hosts, "injection": info.injection.kind, "env": info.env}
+    return info
+
+
+@router.get("/secrets", response_model=m.SecretList, name="secret.list")
+async def list_secrets(request: Request) -> m.SecretList:
+    return _svc(request).list_secrets()
+
+
+@router.delete("/secrets/{name}", status_code=204, name="secret.delete")
+async def delete_secret(name: str, request: Request) -> Response:
+    request.state.audit_target = name
+    _svc(request).delete_secret(name)
+    return Response(status_code=204)
+
+
 @router.get("/volumes", response_model=m.VolumeList, name="volume.list")
 async def list_volumes(request: Request) -> m.VolumeList:
     return _svc(request).list_volumes()
@@ -366,6 +392,7 @@ async def audit_stream(request: Request, target: str | None = None, kind: str | 
         idle = 0.0
         while not await request.is_disconnected():
             svc.flush_guard_events()
+            svc.networks.flush()
             recs = svc.audit_list(target, last, 500, kind=kind).records
             for r in recs:
                 yield (r.model_dump_json() + "\n").encode()

@@ -132,6 +132,7 @@ def run_daemon(settings: DaemonSettings) -> None:
             task.cancel()
             await service.drain_pool()
             service.close_guards()
+            await service.networks.stop()
             store.append_audit(None, "daemon.stop", None, "ok", {"pid": os.getpid()})
 
     app = create_app(service, keyring, lifespan=lifespan)

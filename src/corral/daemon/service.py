@@ -21,6 +21,7 @@ from corral import errors
 from corral.agent import protocol as P
 from corral.api import models as m
 from corral.audit import chain
+from corral.daemon.network import Networks
 from corral.daemon.settings import DaemonSettings
 from corral.daemon.store import SandboxRecord, Store
 from corral.execguard import index as exec_index
@@ -28,6 +29,7 @@ from corral.execguard import kernel as exec_kernel
 from corral.execguard.guard import ExecGuard, is_holder, set_memfd_noexec
 from corral.policy.compile import require_consent
 from corral.policy.execpolicy import ExecIndex, ExecPlan, compile_exec
+from corral.policy.network import SecretBinding
 from corral.policy.spec import SandboxPolicy
 from corral.runtimes import images
 from corral.runtimes.agentclient import AgentClient, AgentConnection
@@ -81,6 +83,7 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.denials: dict[str, collections.deque[tuple[int, m.ExecDenial]]] = {}
         self._denial_n = 0
+        self.networks = Networks(settings, store.append_audit_many)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -178,6 +181,7 @@ class Service:
             policy = policy.model_copy(update={"snapshot": snap["id"], "template": snap["template"]})
         tpl = await self.ensure_template(policy.template, progress)
         plan = await self._exec_plan(policy)
+        self.networks.plan(policy)  # refuses unknown secrets and hosts that cannot do networking, before anything exists
         t_tpl = time.perf_counter()
         now = time.time()
         if self._poolable(policy):
@@ -277,10 +281,22 @@ class Service:
     async def _boot(self, rec: SandboxRecord, policy: SandboxPolicy, lowerdirs: list[str],
                     reason: str = "Started") -> m.Timing:
         t0 = time.perf_counter()
-        await self.runtime.start(rec.id, policy, lowerdirs)
+        net_plan = self.networks.plan(policy)
+        net_dir, net_env = None, None
+        if net_plan is not None:
+            root_source = Path("/") if policy.root == "host" else Path(lowerdirs[-1])
+            net_dir, net_env = self.networks.prepare(rec.id, net_plan, self.runtime.dir(rec.id), root_source)
         try:
+            await self.runtime.start(rec.id, policy, lowerdirs, net_dir, net_env)
+        except BaseException:
+            await self.networks.detach(rec.id)
+            raise
+        try:
+            if net_plan is not None:
+                await self.networks.attach(rec.id, self._init_pid(rec.id), net_plan, self.runtime.dir(rec.id))
             await self._guard_on(rec, policy)
         except BaseException:
+            await self.networks.detach(rec.id)
             await self.runtime.stop(rec.id)
             raise
         t1 = time.perf_counter()
@@ -289,6 +305,7 @@ class Service:
         except errors.CorralError as e:
             tail = self.runtime.agent_log_tail(rec.id)
             self._guard_off(rec.id)
+            await self.networks.detach(rec.id)
             await self.runtime.stop(rec.id)
             raise errors.RuntimeUnavailableError(f"the agent of {rec.id} did not start: {e}; {tail}") from None
         t2 = time.perf_counter()
@@ -315,6 +332,7 @@ class Service:
                     self.runtime.dir(sandbox_id).exists():
                 await self.runtime.stop(sandbox_id)
             self._guard_off(sandbox_id)
+            await self.networks.detach(sandbox_id)
             self.pids.pop(sandbox_id, None)
             if rec.status != "stopped" or rec.desired != desired:
                 self._update(rec, status="stopped", desired=desired, reason=reason, message=message,
@@ -339,6 +357,36 @@ class Service:
                 raise
             timing.total_ms = (time.perf_counter() - t0) * 1000
             return self.info(rec, timing)
+
+    def _init_pid(self, sandbox_id: str) -> int:
+        pid = self.runtime.read_pid(sandbox_id)
+        if not pid:
+            raise errors.RuntimeUnavailableError(f"sandbox {sandbox_id} has no init process")
+        return pid
+
+    async def update_network(self, sandbox_id: str, req: m.NetworkUpdate) -> m.SandboxInfo:
+        """Change the allow/deny lists of a networked sandbox; new connections (and DNS answers) follow
+        the new lists at once, open connections keep going."""
+        rec = self._record(sandbox_id)
+        async with self._lock(sandbox_id):
+            policy = SandboxPolicy.model_validate(rec.policy)
+            if policy.network is None:
+                raise errors.PolicyRejectedError(
+                    f"sandbox {sandbox_id} was created without a network",
+                    hint="networking is wired when a sandbox boots: create one with network={'allow': [...]}")
+            net = policy.network.model_copy(update={k: v for k, v in (("allow", req.allow), ("deny", req.deny))
+                                                    if v is not None})
+            try:
+                new = SandboxPolicy.model_validate({**policy.model_dump(mode="json"),
+                                                    "network": net.model_dump(mode="json")})
+            except ValueError as e:
+                raise errors.InvalidRequestError(_first_error(e)) from None
+            plan = self.networks.plan(new)
+            assert plan is not None
+            self._update(rec, policy=new.model_dump(mode="json"))
+            self.networks.update(sandbox_id, plan)
+        self.touch(sandbox_id)
+        return self.info(rec)
 
     def require_hibernation(self) -> None:
         from corral.runtimes import probe
@@ -369,10 +417,17 @@ class Service:
                 if rec.status == "paused":
                     await self.runtime.resume(sandbox_id)
                 await self.agent(sandbox_id).request({"op": "dumpable", "value": True})
+                # CRIU cannot carry the veth: the namespace goes to disk with loopback only and is
+                # wired again (same address) on restore.
+                net_plan = self.networks.plans.get(sandbox_id)
+                await self.networks.detach(sandbox_id)
                 try:
                     await self.runtime.checkpoint(sandbox_id)
                 except BaseException:
                     await self.agent(sandbox_id).request({"op": "dumpable", "value": False})
+                    if net_plan is not None:
+                        await self.networks.attach(sandbox_id, self._init_pid(sandbox_id), net_plan,
+                                                   self.runtime.dir(sandbox_id))
                     raise
                 self._guard_off(sandbox_id)
                 self.pids.pop(sandbox_id, None)
@@ -395,13 +450,20 @@ class Service:
             elif rec.status == "hibernated":
                 policy = SandboxPolicy.model_validate(rec.policy)
                 tpl = await self.ensure_template(policy.template)
+                net_plan = self.networks.plan(policy)
                 await self.runtime.restore(sandbox_id, policy, self._lowerdirs(policy, tpl.rootfs))
+                what = "the network could not be wired"
                 try:
+                    if net_plan is not None:
+                        await self.networks.attach(sandbox_id, self._init_pid(sandbox_id), net_plan,
+                                                   self.runtime.dir(sandbox_id))
+                    what = "the exec guard could not be armed again"
                     await self._guard_on(rec, policy)
                 except BaseException:
+                    await self.networks.detach(sandbox_id)
                     await self.runtime.stop(sandbox_id)
                     self._update(rec, status="stopped", desired="stopped", reason="RestoreFailed",
-                                 message="the exec guard could not be armed again", stopped_at=time.time())
+                                 message=what, stopped_at=time.time())
                     raise
                 await self.agent(sandbox_id).ping(timeout_s=AGENT_READY_TIMEOUT_S)
                 await self.agent(sandbox_id).request({"op": "dumpable", "value": False})
@@ -640,6 +702,7 @@ class Service:
         async with self._lock(sandbox_id):
             await self.runtime.destroy(sandbox_id)
             self._guard_off(sandbox_id)
+            await self.networks.detach(sandbox_id)
             self.exec_plans.pop(sandbox_id, None)
             self.denials.pop(sandbox_id, None)
             self.pids.pop(sandbox_id, None)
@@ -745,17 +808,43 @@ class Service:
                    since: float | None = None, until: float | None = None) -> m.AuditList:
         if target and target.startswith("sb-") and target in self.guards:
             self.flush_guard_events()
+        self.networks.flush()
         rows = self.store.audit_entries(target=target, after_seq=after_seq, limit=limit, kind=kind, since=since,
                                         until=until)
         return m.AuditList(records=[m.AuditRecord.model_validate(r.to_dict()) for r in rows])
 
     def audit_tail(self) -> int:
         self.flush_guard_events()
+        self.networks.flush()
         return self.store.audit_last_seq()
 
     def audit_verify(self) -> m.AuditVerify:
         r = chain.verify(self.store.iter_audit())
         return m.AuditVerify(ok=r.ok, records=r.records, first_bad_seq=r.first_bad_seq, message=r.message)
+
+    # ---- secrets -----------------------------------------------------------------------------
+    @staticmethod
+    def _secret_info(info: Any) -> m.SecretInfo:
+        b = info.binding
+        return m.SecretInfo(name=info.name, hosts=list(b.hosts), injection=b.injection, env=b.env,
+                            placeholder=info.placeholder)
+
+    def set_secret(self, name: str, req: m.SecretSet) -> m.SecretInfo:
+        try:
+            binding = SecretBinding(name=name, hosts=tuple(req.hosts), injection=req.injection, env=req.env)
+        except ValueError as e:
+            raise errors.InvalidRequestError(f"secret {name!r}: {_first_error(e)}") from None
+        return self._secret_info(self.networks.set_secret(binding, req.value.get_secret_value()))
+
+    def list_secrets(self) -> m.SecretList:
+        return m.SecretList(secrets=[self._secret_info(i) for i in self.networks.list_secrets()])
+
+    def delete_secret(self, name: str) -> None:
+        users = [r.id for r in self.records.values() if r.deleted_at is None and name in r.policy.get("secrets", [])]
+        self.networks.delete_secret(name)
+        if users:
+            log.warning("secret %s deleted while %d sandboxes use it; their requests go out without it", name,
+                        len(users))
 
     # ---- exec guard --------------------------------------------------------------------------
     async def _exec_plan(self, policy: SandboxPolicy) -> ExecPlan | None:
@@ -906,6 +995,7 @@ class Service:
         report: dict[str, list[str]] = {"adopted": [], "marked_stopped": [], "orphans_removed": [],
                                         "partial_templates_removed": []}
         report["partial_templates_removed"] = self.templates.cleanup_partial()
+        await self.networks.start()
         live = {c.sandbox_id: c for c in await self.runtime.list_containers()}
         for rec in list(self.records.values()):
             c = live.get(rec.id)
@@ -919,7 +1009,7 @@ class Service:
                 if c is not None and c.status == "paused" and rec.status == "paused":
                     if c.pid:
                         self.pids[rec.id] = c.pid
-                    if await self._readopt_guard(rec):
+                    if await self._readopt_guard(rec) and await self._readopt_network(rec):
                         report["adopted"].append(rec.id)
                         continue
                 if c is not None and c.status == "running":
@@ -931,10 +1021,11 @@ class Service:
                 if alive and rec.status == "running":
                     if c is not None and c.pid:
                         self.pids[rec.id] = c.pid
-                    if await self._readopt_guard(rec):
+                    if await self._readopt_guard(rec) and await self._readopt_network(rec):
                         report["adopted"].append(rec.id)
                         continue
                 self._guard_off(rec.id)
+                await self.networks.detach(rec.id)
                 await self.runtime.stop(rec.id)
                 self._update(rec, status="stopped", desired="stopped", reason="LostWhileDaemonDown",
                              message="the sandbox was not running when the daemon came back", stopped_at=time.time())
@@ -970,6 +1061,21 @@ class Service:
             return True
         try:
             await self._guard_on(rec, policy, adopt=True)
+            return True
+        except errors.CorralError as e:
+            log.error("sandbox %s: %s; stopping it", rec.id, e)
+            return False
+
+    async def _readopt_network(self, rec: SandboxRecord) -> bool:
+        """Wire a sandbox that outlived the daemon again (its veth was removed at start: the proxy
+        it pointed to is gone). False: it cannot be (the caller stops it)."""
+        policy = SandboxPolicy.model_validate(rec.policy)
+        if policy.network is None:
+            return True
+        try:
+            plan = self.networks.plan(policy)
+            assert plan is not None
+            await self.networks.attach(rec.id, self._init_pid(rec.id), plan, self.runtime.dir(rec.id))
             return True
         except errors.CorralError as e:
             log.error("sandbox %s: %s; stopping it", rec.id, e)
@@ -1034,6 +1140,14 @@ class Service:
 
     def running_count(self) -> int:  # paused ones are not counted
         return sum(1 for r in self.records.values() if r.status == "running")
+
+
+def _first_error(e: ValueError) -> str:
+    errs = getattr(e, "errors", None)
+    if callable(errs):
+        first = errs()[0]
+        return f"{'.'.join(str(x) for x in first.get('loc', ()))}: {first.get('msg', '')}".lstrip(": ")
+    return str(e)
 
 
 def _alive(pid: int) -> bool:

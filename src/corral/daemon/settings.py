@@ -20,6 +20,12 @@ class DaemonSettings:
     reconcile_interval_s: float = 2.0
     warm_pool_size: int = 1  # booted sandboxes kept ready per template used with the default policy
     log_level: str = "info"
+    # networked sandboxes: the upstream resolvers (host:port; default: the host's /etc/resolv.conf),
+    # extra CA certificates trusted for upstream servers (by the proxy, and in sandboxes' bundles),
+    # and the pool their /30s come from
+    nameservers: tuple[tuple[str, int], ...] = ()
+    upstream_ca: Path | None = None
+    net_pool: str = "10.200.0.0/16"
     extra: dict[str, str] = field(default_factory=dict)
 
     template_dir_override: Path | None = None
@@ -53,6 +59,10 @@ class DaemonSettings:
         return self.data_dir / "corrald.log"
 
     @property
+    def network_dir(self) -> Path:
+        return self.data_dir / "network"
+
+    @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
@@ -72,9 +82,23 @@ class DaemonSettings:
             values["max_upload_bytes"] = int(env["CORRAL_MAX_UPLOAD_BYTES"])
         if "CORRAL_TEMPLATE_DIR" in env:
             values["template_dir_override"] = Path(env["CORRAL_TEMPLATE_DIR"])
+        if env.get("CORRAL_NAMESERVERS"):
+            values["nameservers"] = tuple(_hostport(x, 53) for x in env["CORRAL_NAMESERVERS"].split(","))
+        if env.get("CORRAL_UPSTREAM_CA"):
+            values["upstream_ca"] = Path(env["CORRAL_UPSTREAM_CA"])
+        if env.get("CORRAL_NET_POOL"):
+            values["net_pool"] = env["CORRAL_NET_POOL"]
         if "CORRAL_HOST" in env:
             values["host"] = env["CORRAL_HOST"]
         for k, v in overrides.items():
             if v is not None:
                 values[k] = Path(str(v)) if k in ("data_dir", "run_dir") else v
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _hostport(text: str, default_port: int) -> tuple[str, int]:
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if sep and host and ":" not in host and port.isdigit():
+        return host, int(port)
+    return text.strip("[]"), default_port

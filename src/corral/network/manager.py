@@ -19,6 +19,7 @@ from corral.policy.network import NetworkPlan
 log = logging.getLogger(__name__)
 
 CA_PATH_IN_SANDBOX = "/etc/corral/ca.pem"
+PROXY_PORT_IN_SANDBOX = 3128  # HTTP(S)_PROXY=http://<gateway>:3128 (any port of the gateway reaches the proxy)
 
 
 class NetworkManager:
@@ -49,7 +50,7 @@ class NetworkManager:
         self.proxy = EgressProxy(self.resolver, secrets=self.secrets, server_contexts=self.ca.server_context,
                                  upstream_ssl=upstream_ssl, on_event=on_event, ledger=self.ledger,
                                  max_connections_per_sandbox=max_connections_per_sandbox,
-                                 never=[ipaddress.IPv4Network(pool)])
+                                 never=[ipaddress.IPv4Network(pool)], explicit_port=PROXY_PORT_IN_SANDBOX)
         self.dns = DnsResponder(self.resolver, self.proxy.plan_for_address, self.ledger, on_event)
         self.host: HostNetwork | None = None
 
@@ -67,18 +68,28 @@ class NetworkManager:
                                 veth_prefix=self.veth_prefix)
         await asyncio.to_thread(self.host.ensure_table)
 
-    async def attach(self, sandbox_id: str, pid: int, plan: NetworkPlan) -> dict[str, str]:
+    def reserve(self, sandbox_id: str, preferred: str | None = None) -> tuple[str, str]:
+        """(gateway, address) the sandbox will get at :meth:`attach`: known before it boots."""
+        assert self.host is not None, "start() first"
+        return self.host.reserve(sandbox_id, preferred)
+
+    def release(self, sandbox_id: str) -> None:
+        if self.host is not None:
+            self.host.release(sandbox_id)
+
+    async def attach(self, sandbox_id: str, pid: int, plan: NetworkPlan, preferred: str | None = None
+                     ) -> dict[str, str]:
         """Wire the sandbox and return the environment it should get (proxy, CA trust, placeholders).
         Its /etc/resolv.conf should say ``nameserver <gateway>`` (see :meth:`net`)."""
         assert self.host is not None, "start() first"
-        net = await asyncio.to_thread(self.host.setup, sandbox_id, pid)
+        net = await asyncio.to_thread(self.host.setup, sandbox_id, pid, preferred)
         self.proxy.register(sandbox_id, net.ip, plan, gateway=net.gateway)
         return self.env(sandbox_id, plan)
 
-    def env(self, sandbox_id: str, plan: NetworkPlan) -> dict[str, str]:
-        net = self.net(sandbox_id)
-        assert self.proxy.address is not None
-        env = sandbox_env(f"http://{net.gateway}:{self.proxy.address[1]}", self.ca_path_in_sandbox)
+    def env(self, sandbox_id: str, plan: NetworkPlan, gateway: str | None = None) -> dict[str, str]:
+        if gateway is None:
+            gateway = self.net(sandbox_id).gateway
+        env = sandbox_env(f"http://{gateway}:{PROXY_PORT_IN_SANDBOX}", self.ca_path_in_sandbox)
         for b in plan.secrets:
             if b.env:
                 env[b.env] = self.secrets.placeholder(b.name)

@@ -23,6 +23,7 @@ kernel deliver DNAT'd packets there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -101,6 +102,7 @@ class HostNetwork:
             raise NetnsError("the sandbox address pool must be at least a /29")
         self._lock = threading.Lock()
         self._nets: dict[str, SandboxNet] = {}
+        self._reserved: dict[str, tuple[str, str]] = {}  # sandbox id -> (gateway, ip), before setup
 
     # ------------------------------------------------------------------ table
 
@@ -147,11 +149,19 @@ add rule inet {self.table} forward oifname @ifaces drop
                     used.add((int(ip) - int(self.pool.network_address)) // 4)
         used.update((int(ipaddress.IPv4Address(n.ip)) - int(self.pool.network_address)) // 4
                     for n in self._nets.values())
+        used.update((int(ipaddress.IPv4Address(ip)) - int(self.pool.network_address)) // 4
+                    for _, ip in self._reserved.values())
         return used
 
-    def _allocate(self) -> tuple[str, str]:
+    def _allocate(self, preferred: str | None = None) -> tuple[str, str]:
         used = self._used_blocks()
-        for block in range(1, self.pool.num_addresses // 4):
+        blocks = list(range(1, self.pool.num_addresses // 4))
+        if preferred:
+            with contextlib.suppress(ValueError):
+                ip = ipaddress.IPv4Address(preferred)
+                if ip in self.pool:
+                    blocks.insert(0, (int(ip) - int(self.pool.network_address)) // 4)
+        for block in blocks:
             if block not in used:
                 base = int(self.pool.network_address) + 4 * block
                 return str(ipaddress.IPv4Address(base + 1)), str(ipaddress.IPv4Address(base + 2))
@@ -159,14 +169,30 @@ add rule inet {self.table} forward oifname @ifaces drop
 
     # ------------------------------------------------------------------ sandboxes
 
-    def setup(self, sandbox_id: str, pid: int) -> SandboxNet:
+    def reserve(self, sandbox_id: str, preferred: str | None = None) -> tuple[str, str]:
+        """Pick the sandbox's (gateway, address) before it boots, so that its environment can name
+        the gateway; ``preferred`` (an earlier address of the same sandbox) is kept when free."""
+        with self._lock:
+            if sandbox_id in self._nets:
+                n = self._nets[sandbox_id]
+                return n.gateway, n.ip
+            if sandbox_id not in self._reserved:
+                self._reserved[sandbox_id] = self._allocate(preferred)
+            return self._reserved[sandbox_id]
+
+    def release(self, sandbox_id: str) -> None:
+        with self._lock:
+            self._reserved.pop(sandbox_id, None)
+
+    def setup(self, sandbox_id: str, pid: int, preferred: str | None = None) -> SandboxNet:
         """Wire the network namespace of ``pid`` (which has only loopback) to the host."""
         host_if = veth_name(sandbox_id, self.prefix)
         peer_if = PEER_PREFIX + host_if[len(self.prefix):]
         with self._lock:
             if sandbox_id in self._nets:
                 raise NetnsError(f"{sandbox_id} is already attached")
-            gateway, ip = self._allocate()
+            reserved = self._reserved.pop(sandbox_id, None)
+            gateway, ip = reserved if reserved is not None else self._allocate(preferred)
             try:
                 _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if])
                 # Filtering first: the veth is never up without its rules.

@@ -272,8 +272,11 @@ class EgressProxy:
                  server_contexts: Callable[[str], ssl.SSLContext] | None = None,
                  upstream_ssl: ssl.SSLContext | None = None, on_event: EventSink | None = None,
                  ledger: DnsLedger | None = None, max_connections_per_sandbox: int = 256,
-                 never: Sequence[IPNetwork] = ()) -> None:
+                 never: Sequence[IPNetwork] = (), explicit_port: int = 3128) -> None:
         self.resolver = resolver
+        # Connections to the sandbox's gateway on this port are proxy requests (HTTP(S)_PROXY): a
+        # fixed port, so that the variables in a sandbox stay right across daemon restarts.
+        self.explicit_port = explicit_port
         self.secrets = secrets
         self.server_contexts = server_contexts
         if upstream_ssl is None:
@@ -384,7 +387,10 @@ class EgressProxy:
             local = sock.getsockname()
             orig = original_dst(sock)
             explicit = orig is None or orig == (local[0], local[1]) or (
-                sb.gateway is not None and self.address is not None and orig == (sb.gateway, self.address[1]))
+                sb.gateway is not None and self.address is not None
+                and orig in ((sb.gateway, self.address[1]), (sb.gateway, self.explicit_port))) or (
+                # a gateway of an earlier wiring (a sandbox whose variables outlived a daemon restart)
+                orig[1] == self.explicit_port and self._is_never(ipaddress.ip_address(orig[0]), orig[1]))
             if explicit:
                 c.mode = "explicit"
                 await self._explicit(c, sock)

@@ -11,6 +11,7 @@ from corral.policy.spec import SandboxPolicy
 
 AGENT_DIR = "/.corral"  # where the agent, its runtime and its socket live inside every sandbox
 WORKSPACE = "/workspace"
+NET_DIR = f"{AGENT_DIR}/net"  # networked sandboxes: ca.pem (system roots + Corral's CA) and resolv.conf
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class SandboxPaths:
     volumes: tuple[tuple[str, str, bool], ...] = ()  # (destination, host source, read_only)
     agent_sock_dir: str | None = None  # hibernatable sandboxes: the agent's own socket dir, at /.corral/sock
     masked_dirs: tuple[str, ...] = ()  # host mode only: host dirs hidden behind an empty tmpfs
+    # networked sandboxes: files bound read-only over existing files of the root (resolv.conf, the CA
+    # bundle over the system store), the sandbox's network dir at /.corral/net, and its variables
+    net_files: tuple[tuple[str, str], ...] = ()  # (destination, host source)
+    net_dir: str | None = None
+    net_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
     shm_mib, tmp_mib, run_mib = min(defaults.SHM_MAX_MIB, quarter), min(defaults.TMP_MAX_MIB, quarter), min(16, quarter)
     env = {"PATH": defaults.PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "xterm"}
     env.update(policy.env)
+    env.update(dict(paths.net_env))  # the proxy and CA trust of a networked sandbox are not the caller's to change
     # The agent's own variables win (it strips them from commands' environments).
     env.update({"PYTHONHOME": f"{AGENT_DIR}/rt", "PYTHONDONTWRITEBYTECODE": "1", "CORRAL_SANDBOX_ID": sandbox_id})
     mounts: list[dict[str, Any]] = [
@@ -119,6 +126,10 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
     if paths.agent_sock_dir:
         mounts.append(_bind(f"{AGENT_DIR}/sock", paths.agent_sock_dir, "rw", "nosuid", "nodev", "noexec"))
         env["CORRAL_AGENT_LISTEN"] = f"{AGENT_DIR}/sock/agent.sock"
+    if paths.net_dir:
+        mounts.append(_bind(NET_DIR, paths.net_dir, "ro", "nosuid", "nodev", "noexec"))
+    for dest, source in paths.net_files:
+        mounts.append(_bind(dest, source, "ro", "nosuid", "nodev", "noexec"))
     for dest, source, read_only in paths.volumes:
         mounts.append(_bind(dest, source, "ro" if read_only else "rw", "nosuid", "nodev"))
     if policy.root == "host":

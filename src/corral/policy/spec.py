@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from corral.policy import defaults
 from corral.policy.execpolicy import ExecPolicy
+from corral.policy.network import NetworkPolicy
 
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -63,7 +64,12 @@ class SandboxPolicy(BaseModel):
     resources: ResourcePolicy = Field(default_factory=lambda: ResourcePolicy())
     env: dict[str, str] = Field(default_factory=dict)
     volumes: dict[str, VolumeMount] = Field(default_factory=dict, description="mount path -> volume")
-    network: Literal["none"] = "none"
+    network: NetworkPolicy | None = Field(
+        None, description="egress through Corral's proxy: {'allow': [...], 'deny': [...]} of names, '*.' suffixes, "
+                          "CIDRs, ':port' suffixes; absent (or 'none'): no network at all, loopback only")
+    secrets: list[str] = Field(default_factory=list, max_length=64,
+                               description="registered secrets the proxy injects for their bound hosts (which are "
+                                           "allowed implicitly); the sandbox only sees placeholders")
     exec_policy: ExecPolicy = Field(default_factory=lambda: ExecPolicy(),
                                     description="what may execute, by SHA-256 of the content, enforced by the kernel")
     allow_weaker_isolation: bool = False
@@ -81,6 +87,28 @@ class SandboxPolicy(BaseModel):
         if isinstance(data, dict) and "hibernate" in (data.get("on_idle"), data.get("on_timeout")):
             data = {**data, "hibernatable": True}
         return data
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _network(cls, v: object) -> object:
+        return None if v == "none" else v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _TEMPLATE_NAME.fullmatch(name):
+                raise ValueError(f"invalid secret name {name!r}: 1-63 chars of a-z, 0-9, '.', '_' and '-'")
+        if len(set(v)) != len(v):
+            raise ValueError("a secret is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _secrets_need_network(self) -> SandboxPolicy:
+        if self.secrets and self.network is None:
+            raise ValueError("secrets are injected by the egress proxy: give the sandbox a network policy too "
+                             "(network={'allow': [...]}, which may be empty)")
+        return self
 
     @field_validator("snapshot")
     @classmethod

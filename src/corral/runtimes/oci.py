@@ -108,6 +108,23 @@ class RunningInfo:
     pid: int | None
 
 
+# Files of the root that a networked sandbox sees replaced, when the image has them as plain files:
+# the resolver (Corral's DNS on the gateway) and the system CA store (its roots + Corral's CA).
+NET_FILES = (("/etc/resolv.conf", "resolv.conf"), ("/etc/ssl/certs/ca-certificates.crt", "ca.pem"),
+             ("/etc/pki/tls/certs/ca-bundle.crt", "ca.pem"), ("/etc/ssl/cert.pem", "ca.pem"))
+
+
+def _net_files(rootfs: str, net_dir: Path) -> tuple[tuple[str, str], ...]:
+    out = []
+    root = os.path.realpath(rootfs)
+    for dest, name in NET_FILES:
+        target = root + dest
+        # Only a regular file reached without symlinks: a link could point anywhere in the root.
+        if os.path.realpath(target) == target and os.path.isfile(target):
+            out.append((dest, str(net_dir / name)))
+    return tuple(out)
+
+
 class OciRuntime:
     def __init__(self, data_dir: Path, state_dir: Path, agent_src: Path, agent_runtime: Path, binary: str | None = None):
         self.data_dir = data_dir
@@ -202,7 +219,7 @@ class OciRuntime:
                 os.mkdir(dst)
                 _mount(ent.path, dst, None, MS_BIND, None)
                 _mount("none", dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-        for d in ("proc", "sys", "dev", "run", "tmp", "workspace", ".corral/rt", ".corral/agent"):
+        for d in ("proc", "sys", "dev", "run", "tmp", "workspace", ".corral/rt", ".corral/agent", ".corral/net"):
             os.makedirs(os.path.join(rootfs, d), exist_ok=True)
 
     # ---- volumes -----------------------------------------------------------------------------
@@ -228,8 +245,10 @@ class OciRuntime:
         mnt = self.volume_dir(name) / "mnt"
         return disk.usage(mnt) if disk.is_mounted(mnt) else None
 
-    async def start(self, sandbox_id: str, policy: SandboxPolicy, lowerdirs: list[str]) -> None:
-        """Boot the sandbox; ``lowerdirs`` are its read-only layers, topmost first."""
+    async def start(self, sandbox_id: str, policy: SandboxPolicy, lowerdirs: list[str],
+                    net_dir: Path | None = None, net_env: dict[str, str] | None = None) -> None:
+        """Boot the sandbox; ``lowerdirs`` are its read-only layers, topmost first. A networked
+        sandbox brings ``net_dir`` (ca.pem, resolv.conf) and its proxy/CA variables."""
         if not self.binary:
             raise RuntimeUnavailableError("no OCI runtime (crun or runc) is installed", hint="apt-get install crun")
         d = self.dir(sandbox_id)
@@ -251,6 +270,9 @@ class OciRuntime:
             masked_dirs=(str(self.data_dir), str(self.state_dir)) if policy.root == "host" else (),
             volumes=tuple((dest, str(self.mount_volume(v.name)), v.read_only) for dest, v in policy.volumes.items()),
             agent_sock_dir=str(d / "sock") if policy.hibernatable else None,
+            net_dir=str(net_dir) if net_dir else None,
+            net_files=_net_files(rootfs, net_dir) if net_dir else (),
+            net_env=tuple(sorted((net_env or {}).items())),
         )
         nofile = min(defaults.NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         plan = compile_oci(sandbox_id, policy, paths, nofile=nofile)

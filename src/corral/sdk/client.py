@@ -19,6 +19,7 @@ import websockets
 
 from corral import errors
 from corral.api import models as m
+from corral.policy.network import NetworkPolicy
 
 DEFAULT_URL = "http://127.0.0.1:7770"
 DEFAULT_KEY_FILE = "/var/lib/corral/api-key"
@@ -425,6 +426,24 @@ class AsyncFiles:
         return _file_info(await self._sb._client.json("POST", self._p("/rename"), json={"src": src, "dst": dst}))
 
 
+class AsyncNetwork:
+    """A networked sandbox's egress lists: ``await sb.network.update(allow=[...])`` applies to new
+    connections (and DNS answers) at once."""
+
+    def __init__(self, sb: AsyncSandbox):
+        self._sb = sb
+
+    @property
+    def policy(self) -> NetworkPolicy | None:
+        return self._sb.info.policy.network
+
+    async def update(self, allow: list[str] | None = None, deny: list[str] | None = None) -> NetworkPolicy | None:
+        body = m.NetworkUpdate(allow=allow, deny=deny).model_dump(mode="json", exclude_none=True)
+        self._sb.info = m.SandboxInfo.model_validate(
+            await self._sb._client.json("PUT", f"/sandboxes/{self._sb.id}/network", json=body))
+        return self._sb.info.policy.network
+
+
 class AsyncSandbox:
     """A Corral sandbox. Create with ``await AsyncSandbox.create(...)``; ``async with`` kills it on exit."""
 
@@ -435,6 +454,7 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
         self.pty = AsyncPty(self)
         self.audit = AsyncAudit(client, self.info.id)
+        self.network = AsyncNetwork(self)
 
     @property
     def id(self) -> str:
@@ -567,6 +587,45 @@ class AsyncVolume:
     async def delete(name: str | m.VolumeInfo, *, client: Client | None = None) -> None:
         c = client or default_client()
         await c.request("DELETE", f"/volumes/{name.name if isinstance(name, m.VolumeInfo) else name}")
+
+
+class AsyncSecrets:
+    """Credentials the egress proxy injects: the value goes in once and never comes back out.
+
+    ``await AsyncSecrets.set("github", token, hosts=["github.com", "api.github.com"], env="GITHUB_TOKEN")``;
+    sandboxes name it with ``secrets=["github"]`` and see only its placeholder."""
+
+    @staticmethod
+    async def set(name: str, value: str, hosts: list[str], *, header: str | None = None, template: str | None = None,
+                  basic_username: str | None = None, placeholder_headers: list[str] | None = None,
+                  env: str | None = None, client: Client | None = None) -> m.SecretInfo:
+        """Injection: a header (default ``Authorization: Bearer {value}``; ``header``/``template``),
+        basic auth (``basic_username``), or placeholder substitution in ``placeholder_headers``."""
+        if sum(x is not None for x in (basic_username, placeholder_headers)) + (header is not None or
+                                                                               template is not None) > 1:
+            raise errors.InvalidRequestError("choose one injection: header/template, basic_username or "
+                                             "placeholder_headers")
+        injection: dict[str, Any]
+        if basic_username is not None:
+            injection = {"kind": "basic", "username": basic_username}
+        elif placeholder_headers is not None:
+            injection = {"kind": "placeholder", "headers": placeholder_headers}
+        else:
+            injection = {"kind": "header", **({"header": header} if header else {}),
+                         **({"template": template} if template else {})}
+        c = client or default_client()
+        body = {"value": value, "hosts": hosts, "injection": injection, "env": env}
+        return m.SecretInfo.model_validate(await c.json("PUT", f"/secrets/{name}", json=body))
+
+    @staticmethod
+    async def list(*, client: Client | None = None) -> list[m.SecretInfo]:
+        c = client or default_client()
+        return m.SecretList.model_validate(await c.json("GET", "/secrets")).secrets
+
+    @staticmethod
+    async def delete(name: str, *, client: Client | None = None) -> None:
+        c = client or default_client()
+        await c.request("DELETE", f"/secrets/{name}")
 
 
 async def wait_ready(client: Client, timeout_s: float = 30.0) -> m.Health:

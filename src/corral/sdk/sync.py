@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from corral.api import models as m
+from corral.policy.network import NetworkPolicy
 from corral.sdk import client as c
 
 T = TypeVar("T")
@@ -189,6 +190,19 @@ class Audit:
         return run(self._a.verify())
 
 
+class Network:
+    def __init__(self, inner: c.AsyncNetwork):
+        self._n = inner
+
+    @property
+    def policy(self) -> NetworkPolicy | None:
+        return self._n.policy
+
+    def update(self, allow: list[str] | None = None, deny: list[str] | None = None) -> NetworkPolicy | None:
+        """New allow and/or deny lists; new connections follow them at once."""
+        return run(self._n.update(allow, deny))
+
+
 class Sandbox:
     """A Corral sandbox (synchronous). ``with Sandbox.create(...) as sb:`` kills it on exit."""
 
@@ -198,6 +212,7 @@ class Sandbox:
         self.files = Files(inner.files)
         self.pty = Pty(inner.pty)
         self.audit = Audit(inner.audit)
+        self.network = Network(inner.network)
 
     @property
     def id(self) -> str:
@@ -291,3 +306,23 @@ class Volume:
     @staticmethod
     def delete(name: str | m.VolumeInfo, *, client: c.Client | None = None) -> None:
         run(c.AsyncVolume.delete(name, client=client))
+
+
+class Secrets:
+    """Credentials the egress proxy injects (sync): ``Secrets.set("github", token, hosts=["github.com"])``."""
+
+    @staticmethod
+    def set(name: str, value: str, hosts: list[str], *, header: str | None = None, template: str | None = None,
+            basic_username: str | None = None, placeholder_headers: list[str] | None = None,
+            env: str | None = None, client: c.Client | None = None) -> m.SecretInfo:
+        return run(c.AsyncSecrets.set(name, value, hosts, header=header, template=template,
+                                      basic_username=basic_username, placeholder_headers=placeholder_headers,
+                                      env=env, client=client))
+
+    @staticmethod
+    def list(*, client: c.Client | None = None) -> list[m.SecretInfo]:
+        return run(c.AsyncSecrets.list(client=client))
+
+    @staticmethod
+    def delete(name: str, *, client: c.Client | None = None) -> None:
+        run(c.AsyncSecrets.delete(name, client=client))
