@@ -16,6 +16,7 @@ back into the same class, so callers catch the same types locally and remotely.
     │   ├── SandboxNotFoundError       404  SandboxNotFound
     │   ├── TemplateNotFoundError      404  TemplateNotFound
     │   ├── SnapshotNotFoundError      404  SnapshotNotFound
+    │   ├── SecretNotFoundError        404  SecretNotFound
     │   ├── VolumeNotFoundError        404  VolumeNotFound
     │   ├── ProcessNotFoundError       404  ProcessNotFound
     │   └── FileNotFoundInSandboxError 404  FileNotFound

@@ -27,6 +27,7 @@ STABLE = {
     "SandboxNotFoundError": ("SandboxNotFound", 404),
     "TemplateNotFoundError": ("TemplateNotFound", 404),
     "SnapshotNotFoundError": ("SnapshotNotFound", 404),
+    "SecretNotFoundError": ("SecretNotFound", 404),
     "VolumeNotFoundError": ("VolumeNotFound", 404),
     "ProcessNotFoundError": ("ProcessNotFound", 404),
     "FileNotFoundInSandboxError": ("FileNotFound", 404),

@@ -125,7 +125,7 @@ def test_policy_is_frozen() -> None:
 
 def test_defaults_are_the_documented_safe_ones() -> None:
     p = SandboxPolicy()
-    assert p.template == "base" and p.root == "template" and p.network == "none"
+    assert p.template == "base" and p.root == "template" and p.network is None and p.secrets == []
     assert p.timeout_s is None and p.env == {} and p.allow_weaker_isolation is False
     assert p.resources == ResourcePolicy(cpu_cores=defaults.CPU_CORES, memory_mib=defaults.MEMORY_MIB,
                                          pids_max=defaults.PIDS_MAX)
@@ -495,3 +495,40 @@ def test_compile_is_deterministic_and_does_not_share_state() -> None:
     a["process"]["capabilities"]["bounding"].append("CAP_SYS_ADMIN")
     assert compiled() == b
     assert "CAP_SYS_ADMIN" not in defaults.CAPABILITIES
+
+
+# ---- network and secrets ---------------------------------------------------------------------------
+
+
+def test_network_spellings_and_secret_rules() -> None:
+    assert SandboxPolicy(network="none").network is None  # type: ignore[arg-type]  # records written before issue 3
+    p = SandboxPolicy.model_validate({"network": {"allow": ["pypi.org", "*.github.com"]}, "secrets": ["github"]})
+    assert p.network is not None and p.network.allow == ["pypi.org", "*.github.com"] and p.secrets == ["github"]
+    with pytest.raises(ValidationError, match="network policy"):
+        SandboxPolicy(secrets=["github"])
+    with pytest.raises(ValidationError, match="listed twice"):
+        SandboxPolicy.model_validate({"network": {}, "secrets": ["a", "a"]})
+    with pytest.raises(ValidationError, match="invalid secret name"):
+        SandboxPolicy.model_validate({"network": {}, "secrets": ["../x"]})
+    with pytest.raises(ValidationError, match="allows everything"):
+        SandboxPolicy.model_validate({"network": {"allow": ["*"]}})
+    with pytest.raises(ValidationError):
+        SandboxPolicy.model_validate({"network": {"allow": ["x.org"], "extra": 1}})
+
+
+def test_networked_plan_binds_net_files_and_pins_proxy_variables() -> None:
+    paths = pc.SandboxPaths(rootfs="/r", agent_src="/a", agent_runtime="/rt", workspace=None,
+                            net_dir="/s/net", net_files=(("/etc/resolv.conf", "/s/net/resolv.conf"),),
+                            net_env=(("HTTPS_PROXY", "http://10.200.0.5:3128"),))
+    policy = SandboxPolicy.model_validate({"network": {"allow": []}, "env": {"HTTPS_PROXY": "http://evil:1"}})
+    cfg = pc.compile_oci("sb-0123456789ab", policy, paths).config
+    env = dict(e.split("=", 1) for e in cfg["process"]["env"])
+    assert env["HTTPS_PROXY"] == "http://10.200.0.5:3128"  # the caller's env cannot point the proxy elsewhere
+    mounts = {m["destination"]: m for m in cfg["mounts"]}
+    for dest in (pc.NET_DIR, "/etc/resolv.conf"):
+        assert "ro" in mounts[dest]["options"] and "noexec" in mounts[dest]["options"]
+    assert mounts["/etc/resolv.conf"]["source"] == "/s/net/resolv.conf"
+    # Without a network: no such mounts, a network namespace with loopback only.
+    plain = pc.compile_oci("sb-0123456789ab", SandboxPolicy(), TEMPLATE_PATHS).config
+    assert not any(m["destination"] in (pc.NET_DIR, "/etc/resolv.conf") for m in plain["mounts"])
+    assert {"type": "network"} in plain["linux"]["namespaces"]
