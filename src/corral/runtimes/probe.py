@@ -93,6 +93,7 @@ def probe() -> list[Feature]:
                      else "apt-get install busybox-static for the busybox template"))
     f.append(hibernation())
     f.append(exec_guard())
+    f.append(egress_network())
     runsc = shutil.which("runsc")
     f.append(Feature("gvisor", bool(runsc), "runsc found (tier not yet wired)" if runsc else "runsc not installed"))
     kvm = os.path.exists("/dev/kvm")
@@ -134,6 +135,22 @@ def exec_guard() -> Feature:
         return Feature("exec-guard", False, f"{why}; sandboxes with an exec policy are refused. BPF LSM: {lsm}")
     return Feature("exec-guard", True, f"active backend: {why} (+ vm.memfd_noexec=2 per sandbox, loader rule); "
                                        f"BPF LSM: {lsm}")
+
+
+def egress_network() -> Feature:
+    """What networked sandboxes (network=) need: nftables and iproute2, run as root."""
+    missing = [b for b in ("nft", "ip", "nsenter") if not shutil.which(b)]
+    if missing:
+        return Feature("egress-network", False, f"{', '.join(missing)} not installed (apt-get install nftables "
+                                                "iproute2 util-linux); networked sandboxes are refused")
+    if os.geteuid() != 0:
+        return Feature("egress-network", False, "needs root (veth pairs and nftables)")
+    r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=10)
+    if r.returncode != 0:
+        return Feature("egress-network", False, f"nftables unusable: {r.stderr.strip()[:200]}; networked sandboxes "
+                                                "are refused")
+    return Feature("egress-network", True, "veth + nftables (every TCP connection to the egress proxy, UDP/53 to "
+                                           "Corral's resolver, everything else dropped)")
 
 
 def runtime_name() -> str | None:
