@@ -25,6 +25,7 @@ from typing import Any
 
 from corral import errors
 from corral.network.manager import PROXY_PORT_IN_SANDBOX, NetworkManager
+from corral.network.netns import veth_name
 from corral.network.secrets import SecretError, SecretInfo, SecretStore
 from corral.policy.compile import NET_DIR
 from corral.policy.network import NetworkPlan, NetworkPolicy, SecretBinding, compile_network
@@ -160,8 +161,9 @@ class Networks:
         """After boot (or restore, or a daemon restart): wire the namespace of ``pid``."""
         mgr = self._mgr()
         preferred = self._state(sandbox_dir / "run").get("ip")
-        with contextlib.suppress(Exception):  # left by an earlier attach of the same sandbox
-            await mgr.detach(sandbox_id)
+        if self._has_veth(sandbox_id):
+            with contextlib.suppress(Exception):  # left by an earlier attach of the same sandbox
+                await mgr.detach(sandbox_id)
         try:
             await mgr.attach(sandbox_id, pid, plan, preferred)
         except Exception as e:
@@ -180,14 +182,23 @@ class Networks:
                            "secrets": [b.name for b in plan.secrets]}, None)])
 
     async def detach(self, sandbox_id: str) -> None:
-        self.plans.pop(sandbox_id, None)
+        wired = self.plans.pop(sandbox_id, None) is not None
         if self.manager is None:
             return
         self.manager.release(sandbox_id)
+        if not (wired or self._has_veth(sandbox_id)):
+            return  # never networked (or already gone): nothing to remove
         try:
             await self.manager.detach(sandbox_id)
         except Exception as e:
             log.warning("network of %s: detach failed: %s", sandbox_id, e)
+
+    def _has_veth(self, sandbox_id: str) -> bool:
+        mgr = self.manager
+        if mgr is None or mgr.host is None:
+            return False
+        return mgr.host.get(sandbox_id) is not None or \
+            Path("/sys/class/net", veth_name(sandbox_id, mgr.veth_prefix)).exists()
 
     def update(self, sandbox_id: str, plan: NetworkPlan) -> None:
         if sandbox_id in self.plans and self.manager is not None:

@@ -24,10 +24,12 @@ kernel deliver DNAT'd packets there.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import ipaddress
 import json
 import logging
+import os
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ TABLE = "corral"
 HOST_PREFIX = "cvh-"
 PEER_PREFIX = "cvs-"
 DEFAULT_POOL = "10.200.0.0/16"
+CLONE_NEWNET = 0x40000000
 
 
 class NetnsError(RuntimeError):
@@ -81,8 +84,37 @@ def sandbox_env(proxy_url: str, ca_path: str, no_proxy: str = "localhost,127.0.0
     return env
 
 
-def _sysctl(path: str, value: str) -> None:
-    Path("/proc/sys", path).write_text(value)
+def _sysctl(path: str, value: str, optional: bool = False) -> None:
+    try:
+        Path("/proc/sys", path).write_text(value)
+    except FileNotFoundError:
+        if not optional:  # (IPv6 settings are missing when the kernel has IPv6 off: nothing to disable)
+            raise
+
+
+def _sysctl_in_netns(pid: int, path: str, value: str) -> None:
+    """Write a sysctl of the network namespace of ``pid`` (from a short-lived thread that joins it:
+    setns changes only the calling thread, and /proc/sys/net shows the caller's namespace)."""
+    err: list[BaseException] = []
+
+    def inside() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into the network namespace of {pid}")
+            finally:
+                os.close(fd)
+            _sysctl(path, value, optional=path.startswith("net/ipv6/"))
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=inside, name="netns-sysctl")
+    t.start()
+    t.join()
+    if err:
+        raise NetnsError(f"cannot set {path} in the sandbox's namespace: {err[0]}")
 
 
 class HostNetwork:
@@ -194,8 +226,8 @@ add rule inet {self.table} forward oifname @ifaces drop
             reserved = self._reserved.pop(sandbox_id, None)
             gateway, ip = reserved if reserved is not None else self._allocate(preferred)
             try:
-                _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if])
-                # Filtering first: the veth is never up without its rules.
+                # Filtering first: the rules (which match by interface name) exist before the veth does,
+                # so it is never up without them.
                 chain = f"nat-{host_if}"
                 script = f"""
 add chain inet {self.table} {chain}
@@ -207,16 +239,16 @@ add element inet {self.table} natmap {{ "{host_if}" : jump {chain} }}
 add element inet {self.table} ifaces {{ "{host_if}" }}
 """
                 _run(["nft", "-f", "-"], stdin=script)
-                _run(["ip", "link", "set", peer_if, "netns", str(pid)])
-                _sysctl(f"net/ipv6/conf/{host_if}/disable_ipv6", "1")
+                _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if])
+                _sysctl(f"net/ipv6/conf/{host_if}/disable_ipv6", "1", optional=True)
                 _sysctl(f"net/ipv4/conf/{host_if}/route_localnet", "1")
-                _run(["ip", "addr", "add", f"{gateway}/30", "dev", host_if])
-                _run(["ip", "link", "set", host_if, "up"])
+                _run(["ip", "-batch", "-"], stdin=f"link set {peer_if} netns {pid}\n"
+                                                  f"addr add {gateway}/30 dev {host_if}\nlink set {host_if} up\n")
                 # Inside: the peer becomes eth0 with IPv6 off before it is up (no SLAAC, no fe80).
-                inside = (f"echo 1 > /proc/sys/net/ipv6/conf/{peer_if}/disable_ipv6; "
-                          f"ip link set {peer_if} name eth0 && ip addr add {ip}/30 dev eth0 && "
-                          f"ip link set eth0 up && ip link set lo up && ip route add default via {gateway}")
-                _run(["nsenter", "-t", str(pid), "-n", "sh", "-c", inside])
+                _sysctl_in_netns(pid, f"net/ipv6/conf/{peer_if}/disable_ipv6", "1")
+                _run(["nsenter", "-t", str(pid), "-n", "ip", "-batch", "-"],
+                     stdin=f"link set {peer_if} name eth0\naddr add {ip}/30 dev eth0\nlink set eth0 up\n"
+                           f"link set lo up\nroute add default via {gateway}\n")
             except BaseException:
                 self._remove(host_if, ip)
                 raise
@@ -240,8 +272,10 @@ add element inet {self.table} ifaces {{ "{host_if}" }}
         if ip:
             cmds.append(f'delete element inet {self.table} addrs {{ "{host_if}" . {ip} }}')
         cmds.append(f"delete chain inet {self.table} nat-{host_if}")
-        for cmd in cmds:  # one by one: any of them may already be gone
-            _run(["nft", "-f", "-"], stdin=cmd, check=False)
+        # All at once (one atomic transaction); when one is already gone, one by one.
+        if _run(["nft", "-f", "-"], stdin="\n".join(cmds) + "\n", check=False).returncode != 0:
+            for cmd in cmds:
+                _run(["nft", "-f", "-"], stdin=cmd, check=False)
         _run(["ip", "link", "del", host_if], check=False)
 
     def cleanup_orphans(self, keep: set[str] | None = None) -> list[str]:
