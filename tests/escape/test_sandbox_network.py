@@ -189,6 +189,9 @@ def test_environment_and_trust(world: World) -> None:
     # Read-only: the sandbox cannot swap the trust store or the resolver.
     rc, out = world.sh("echo x >> /etc/resolv.conf || echo RO1; echo x >> /.corral/net/ca.pem || echo RO2")
     assert "RO1" in out and "RO2" in out
+    # The placeholders are also files (for tools that read credentials from files).
+    _, out = world.sh("cat /.corral/net/secrets/gh /.corral/net/secrets/ph")
+    assert out.split() == [env["GH_TOKEN"], env["PH_KEY"]]
     # The second sandbox has no secrets, so no placeholders.
     _, out = world.sh("env", world.sb2)
     assert "GH_TOKEN" not in out and "corral-placeholder-" not in out
@@ -623,3 +626,27 @@ def test_cleanup_leaves_no_veth_or_chain(world: World) -> None:
     assert f"nat-{host_if}" not in rules
     assert subprocess.run(["ip", "link", "show", host_if], capture_output=True).returncode != 0
 
+
+
+def test_cli_creates_a_networked_sandbox(world: World) -> None:
+    cli = [sys.executable, "-m", "corral.cli.main"]
+    p = subprocess.run([*cli, "sandbox", "create", "--allow", "allowed.test", "--allow", "198.18.0.10/32",
+                        "--deny", "evil.test", "--secret", "gh"], capture_output=True, text=True, env=world.d.env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    sid = p.stdout.strip().splitlines()[-1]
+    try:
+        n = len(world.echo.seen)
+        r = subprocess.run([*cli, "exec", sid, "--", "curl", "-sS", "--max-time", "8", "https://api.allowed.test/c"],
+                           capture_output=True, text=True, env=world.d.env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        world.outputs.append(r.stdout + r.stderr)
+        assert world.seen_since(n)[0].headers.get("authorization") == f"Bearer {TOKEN}"
+        r = subprocess.run([*cli, "network", sid], capture_output=True, text=True, env=world.d.env, timeout=60)
+        shown = json.loads(r.stdout)
+        assert shown["network"]["deny"] == ["evil.test"] and shown["secrets"] == ["gh"]
+        bad = subprocess.run([*cli, "sandbox", "create", "--allow", "*"], capture_output=True, text=True,
+                             env=world.d.env, timeout=60)
+        assert bad.returncode == 2 and "allows everything" in bad.stderr
+    finally:
+        world.http.delete(f"/sandboxes/{sid}")

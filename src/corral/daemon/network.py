@@ -4,7 +4,7 @@ table, veths) per daemon, the secret store behind the API, and the proxy's event
 A sandbox created with ``network={...}`` gets, before it boots, its address block (so that its
 environment can name the gateway: ``HTTP(S)_PROXY=http://<gateway>:3128``) and a directory bound
 read-only at ``/.corral/net`` with ``ca.pem`` (the template's system roots + Corral's CA + any
-upstream CA the operator configured) and ``resolv.conf``; after it boots, its network namespace is
+upstream CA the operator configured), ``resolv.conf`` and ``secrets/<name>`` (placeholders); after it boots, its network namespace is
 wired to the host. The address is remembered (``run/net.json``) so that a restore from hibernation
 or a daemon restart gives the same one back and the variables in the sandbox stay right.
 """
@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import ssl
 import threading
 import time
@@ -155,6 +156,14 @@ class Networks:
         (net / "resolv.conf").write_text(f"nameserver {gateway}\noptions timeout:2 attempts:2\n")
         for f in ("ca.pem", "resolv.conf"):
             (net / f).chmod(0o644)
+        # Each secret's placeholder as a file too (/.corral/net/secrets/<name>), for tools that read
+        # credentials from files; never the value.
+        sec = net / "secrets"
+        shutil.rmtree(sec, ignore_errors=True)
+        sec.mkdir(mode=0o755)
+        for b in plan.secrets:
+            (sec / b.name).write_text(mgr.secrets.placeholder(b.name) + "\n")
+            (sec / b.name).chmod(0o644)
         return net, mgr.env(sandbox_id, plan, gateway=gateway)
 
     async def attach(self, sandbox_id: str, pid: int, plan: NetworkPlan, sandbox_dir: Path) -> None:
