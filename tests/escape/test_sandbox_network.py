@@ -34,7 +34,7 @@ API_KEY = "sk-" + uuid.uuid4().hex + "Zz"
 ALLOWED, EVIL, DNS_IP = "198.18.0.10", "198.18.0.11", "198.18.0.53"
 ZONE = {
     "allowed.test": [ALLOWED], "api.allowed.test": [ALLOWED], "ph.allowed.test": [ALLOWED],
-    "blocked.allowed.test": [ALLOWED], "evil.test": [EVIL], "gist.allowed.test": [ALLOWED],
+    "blocked.allowed.test": [ALLOWED], "evil.test": [EVIL], "gist.allowed.test": [ALLOWED], "scoped.allowed.test": [ALLOWED],
     "rebind.allowed.test": ["169.254.169.254"], "rebind2.allowed.test": ["10.0.0.1"],
 }
 NETWORK = {"allow": ["allowed.test", "*.allowed.test", "198.18.0.10/32"], "deny": ["blocked.allowed.test"]}
@@ -135,8 +135,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 assert TOKEN not in p.stdout + p.stderr
                 Secrets.set("ph", API_KEY, ["ph.allowed.test"], placeholder_headers=["X-Api-Key"], env="PH_KEY",
                             client=client)
+                Secrets.set("scoped", TOKEN[::-1], ["scoped.allowed.test"], allow_requests=["GET /repos/org/*"],
+                            client=client)
                 with d.http() as h:
-                    sb = Sandbox.create("base", network=NETWORK, secrets=["gh", "ph"], client=client)
+                    sb = Sandbox.create("base", network=NETWORK, secrets=["gh", "ph", "scoped"], client=client)
                     sb2 = Sandbox.create("base", network=NETWORK, client=client)
                     r = sb.commands.run(["env"])
                     env = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
@@ -153,7 +155,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                             w.http.get("/audit", params={"limit": 10000}).text,
                                             w.http.get("/secrets").text])
                     w.http.close()
-                    assert TOKEN not in everything and API_KEY not in everything
+                    assert TOKEN not in everything and API_KEY not in everything and TOKEN[::-1] not in everything
                     db = (d.data_dir / "corral.db").read_bytes()
                     assert TOKEN.encode() not in db and API_KEY.encode() not in db
                     store = (d.data_dir / "network" / "secrets" / "secrets.json").read_bytes()
@@ -453,6 +455,24 @@ def test_git_clone_style_request_and_placeholder_in_declared_header(world: World
     assert hits and hits[0].path.startswith("/org/repo.git/info/refs"), out
     assert hits[0].headers.get("authorization") == f"Bearer {TOKEN}"
     assert TOKEN not in out
+
+
+def test_request_rules_limit_what_a_credential_may_do(world: World) -> None:
+    """F7/E20: a credential scoped to 'GET /repos/org/*' is not used to write, or to reach another repo."""
+    n = len(world.echo.seen)
+    code, body = world.curl("https://scoped.allowed.test/repos/org/app?ref=main")
+    assert code == 200, body
+    assert world.seen_since(n)[0].headers.get("authorization") == f"Bearer {TOKEN[::-1]}"
+    n = len(world.echo.seen)
+    for args in (("-X", "POST", "https://scoped.allowed.test/repos/org/app"),
+                 ("https://scoped.allowed.test/repos/other/app",),
+                 ("--path-as-is", "https://scoped.allowed.test/repos/org/../other/app"),
+                 ("--path-as-is", "https://scoped.allowed.test/repos/org/%2e%2e/other/app")):
+        code, body = world.curl(args[-1], *args[:-1])
+        assert code == 403 and "may not be used" in body, (args, body)
+    assert world.seen_since(n) == []  # refused at the proxy: the upstream saw nothing
+    denied = [r for r in world.audit("net.deny") if r["detail"].get("rule") == "secret:scoped"]
+    assert len(denied) >= 4
 
 
 def test_redirect_to_another_host_drops_the_credential(world: World) -> None:

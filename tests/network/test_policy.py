@@ -184,3 +184,21 @@ def test_secret_bindings() -> None:
         with pytest.raises(ValidationError):
             SecretBinding.model_validate(bad)
     assert PlaceholderInjection().headers == ("Authorization",)
+
+
+def test_secret_request_rules() -> None:
+    b = SecretBinding(name="gh", hosts=("api.github.com",), allow_requests=("get /repos/org/*", "* /graphql"))
+    assert b.allow_requests == ("GET /repos/org/*", "* /graphql")
+    ok = [("GET", "/repos/org/x"), ("GET", "/repos/org/x/y?ref=main"), ("POST", "/graphql"), ("get", "/repos/org/a")]
+    bad = [("POST", "/repos/org/x"), ("GET", "/repos/other/x"), ("GET", "/repos/org/../other/x"),
+           ("GET", "/repos/org/%2e%2e/other"), ("GET", "/repos/org/./x"), ("GET", "/repos/org%2f..%2fother/x"),
+           ("GET", "/repos/org\\x"), ("GET", "/repos/org/x%00"), ("GET", "http://evil/repos/org/x"),
+           ("GET", "/graphql/x")]
+    for method, target in ok:
+        assert b.request_allowed(method, target), (method, target)
+    for method, target in bad:
+        assert not b.request_allowed(method, target), (method, target)
+    assert SecretBinding(name="x", hosts=("a.example.org",)).request_allowed("DELETE", "/anything")
+    for rule in ("GET", "GET repos", "GET /a b", "G3T /a", "/a"):
+        with pytest.raises(ValueError):
+            SecretBinding(name="x", hosts=("a.example.org",), allow_requests=(rule,))

@@ -81,6 +81,9 @@ class SecretSet(_Model):
         description="header template (default 'Authorization: Bearer {value}'), basic auth, or placeholder "
                     "substitution in the listed headers")
     env: str | None = Field(None, description="variable that carries the placeholder in sandboxes using it")
+    allow_requests: list[str] = Field(default_factory=list, max_length=64,
+                                      description="'METHOD /path-glob' rules ('GET /repos/org/*'); when given, other "
+                                                  "requests to the bound hosts are refused instead of authenticated")
 
 
 class SecretInfo(_Model):
@@ -88,6 +91,7 @@ class SecretInfo(_Model):
     hosts: list[str]
     injection: HeaderInjection | BasicAuthInjection | PlaceholderInjection = Field(discriminator="kind")
     env: str | None = None
+    allow_requests: list[str] = Field(default_factory=list)
     placeholder: str = Field(description="what sandboxes see instead of the value")
 
 

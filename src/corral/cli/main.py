@@ -343,7 +343,8 @@ def cmd_secret(a: argparse.Namespace) -> int:
             injection = {"kind": "basic", "username": a.basic_user}
         elif a.placeholder_header:
             injection = {"kind": "placeholder", "headers": a.placeholder_header}
-        body = {"value": _read_secret_value(a), "hosts": a.host, "injection": injection, "env": a.env}
+        body = {"value": _read_secret_value(a), "hosts": a.host, "injection": injection, "env": a.env,
+                "allow_requests": a.allow_request or []}
         r = _run(_with_client(lambda cl: cl.json("PUT", f"/secrets/{a.name}", json=body)))
         print(f"{r['name']}: hosts {', '.join(r['hosts'])}; sandboxes see {r['placeholder']}")
         return 0
@@ -364,8 +365,9 @@ def cmd_secret(a: argparse.Namespace) -> int:
             return f"basic auth as {inj['username']}"
         return "placeholder in " + ", ".join(inj["headers"])
 
-    _table([[x["name"], ",".join(x["hosts"]), how(x["injection"]), x["env"] or "-", x["placeholder"]]
-            for x in r["secrets"]], ["name", "hosts", "injection", "env", "placeholder"])
+    _table([[x["name"], ",".join(x["hosts"]), how(x["injection"]), "; ".join(x["allow_requests"]) or "any",
+             x["env"] or "-", x["placeholder"]]
+            for x in r["secrets"]], ["name", "hosts", "injection", "requests", "env", "placeholder"])
     return 0
 
 
@@ -631,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace the placeholder by the value only inside this header (repeat)")
     ss.add_argument("--env", help="variable that carries the placeholder in sandboxes using the secret")
     ss.add_argument("--value-file", help="read the value from this file instead of stdin")
+    ss.add_argument("--allow-request", action="append", metavar="'METHOD /path'",
+                    help="only these requests may carry it, e.g. 'GET /repos/org/*' (repeat); others get 403")
     sl = ses.add_parser("ls", help="names, hosts, injection and placeholders (never values)")
     sl.add_argument("--json", action="store_true")
     sr = ses.add_parser("rm")

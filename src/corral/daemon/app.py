@@ -254,7 +254,8 @@ async def create_volume(body: m.VolumeCreate, request: Request) -> m.VolumeInfo:
 async def set_secret(name: str, body: m.SecretSet, request: Request) -> m.SecretInfo:
     request.state.audit_target = name
     info = _svc(request).set_secret(name, body)
-    request.state.audit_detail = {"hosts": info.hosts, "injection": info.injection.kind, "env": info.env}
+    request.state.audit_detail = {"hosts": info.hosts, "injection": info.injection.kind, "env": info.env,
+                                  "allow_requests": info.allow_requests}
     return info
 
 

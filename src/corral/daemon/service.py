@@ -827,11 +827,12 @@ class Service:
     def _secret_info(info: Any) -> m.SecretInfo:
         b = info.binding
         return m.SecretInfo(name=info.name, hosts=list(b.hosts), injection=b.injection, env=b.env,
-                            placeholder=info.placeholder)
+                            allow_requests=list(b.allow_requests), placeholder=info.placeholder)
 
     def set_secret(self, name: str, req: m.SecretSet) -> m.SecretInfo:
         try:
-            binding = SecretBinding(name=name, hosts=tuple(req.hosts), injection=req.injection, env=req.env)
+            binding = SecretBinding(name=name, hosts=tuple(req.hosts), injection=req.injection, env=req.env,
+                                    allow_requests=tuple(req.allow_requests))
         except ValueError as e:
             raise errors.InvalidRequestError(f"secret {name!r}: {_first_error(e)}") from None
         return self._secret_info(self.networks.set_secret(binding, req.value.get_secret_value()))

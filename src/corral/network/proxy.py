@@ -619,7 +619,7 @@ class EgressProxy:
             await self._http_session(c, reader, writer, fixed=(host, port), default_port=port,
                                      proxy_form=False, upstream=(up_r, up_w, host, port), brokered=True)
         except _Reject as e:
-            self._event("net.deny", c, reason=e.reason)
+            self._event("net.deny", c, reason=e.reason, **({"rule": e.rule} if e.rule else {}))
             with contextlib.suppress(Exception):
                 writer.write(_error_response(e.status, e.reason))
                 await writer.drain()
@@ -644,7 +644,7 @@ class EgressProxy:
             await self._http_session(c, reader, writer, fixed=fixed, default_port=default_port,
                                      proxy_form=proxy_form, upstream=None, brokered=False)
         except _Reject as e:
-            self._event("net.deny", c, reason=e.reason)
+            self._event("net.deny", c, reason=e.reason, **({"rule": e.rule} if e.rule else {}))
             with contextlib.suppress(Exception):
                 writer.write(_error_response(e.status, e.reason))
                 await writer.drain()
@@ -783,6 +783,11 @@ class EgressProxy:
                     if not d.allowed:
                         raise _Reject(403, d.reason, d.rule)
                     decided_for = plan
+                if brokered:
+                    binding = plan.secret_for(_host_text(host))
+                    if binding is not None and not binding.request_allowed(method, path):
+                        raise _Reject(403, f"secret {binding.name!r} may not be used for {method} "
+                                           f"{path.split('?', 1)[0][:200]}", f"secret:{binding.name}")
                 out_headers, uses, misuses, forms = self._inject(plan, _host_text(host), headers, brokered)
                 for f in forms:
                     if f not in redactor.forms:

@@ -26,11 +26,13 @@ Semantics (docs/network.md has the long form):
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -78,6 +80,7 @@ _BAD_CHARS = re.compile(r"[\x00-\x20\x7f\\@/%?#\[\]]")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
 _SECRET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_METHOD = re.compile(r"^(?:\*|[A-Z]{1,20})$")
 # Headers that frame the message or route it: never injected into or substituted in.
 _FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te",
                                 "trailer", "keep-alive", "proxy-connection", "expect"})
@@ -379,6 +382,10 @@ class SecretBinding(BaseModel):
     hosts: tuple[str, ...] = Field(min_length=1, max_length=64)
     injection: Injection = Field(default_factory=HeaderInjection)
     env: str | None = Field(None, description="environment variable that carries the placeholder in the sandbox")
+    allow_requests: tuple[str, ...] = Field(
+        (), max_length=64,
+        description="'METHOD /path-glob' entries ('GET /repos/org/*', '* /api/*'); when given, a request to a bound "
+                    "host that matches none is refused (403) instead of carrying the credential")
 
     @field_validator("name")
     @classmethod
@@ -404,6 +411,34 @@ class SecretBinding(BaseModel):
         if v is not None and not _ENV_NAME.fullmatch(v):
             raise ValueError(f"invalid environment variable name {v!r}")
         return v
+
+    @field_validator("allow_requests")
+    @classmethod
+    def _allow_requests(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for e in v:
+            method, sep, path = e.strip().partition(" ")
+            method, path = method.upper(), path.strip()
+            if not sep or not _METHOD.fullmatch(method) or not path.startswith("/") or any(
+                    c in path for c in " \t\r\n\x00\\"):
+                raise ValueError(f"request rules are 'METHOD /path' with '*' wildcards, e.g. 'GET /repos/org/*': {e!r}")
+            out.append(f"{method} {path}")
+        return tuple(out)
+
+    def request_allowed(self, method: str, target: str) -> bool:
+        """May this request carry the secret? Paths are compared percent-decoded, without the query;
+        a path with '.'/'..' segments, backslashes or NUL never matches (no way around a prefix)."""
+        if not self.allow_requests:
+            return True
+        path = unquote(target.split("?", 1)[0].split("#", 1)[0])
+        if not path.startswith("/") or "\\" in path or "\x00" in path or any(
+                seg in (".", "..") for seg in path.split("/")):
+            return False
+        for rule in self.allow_requests:
+            m, _, pattern = rule.partition(" ")
+            if m in ("*", method.upper()) and fnmatch.fnmatchcase(path, pattern):
+                return True
+        return False
 
     def matches(self, host: str) -> bool:
         for pattern in self.hosts:

@@ -598,9 +598,11 @@ class AsyncSecrets:
     @staticmethod
     async def set(name: str, value: str, hosts: list[str], *, header: str | None = None, template: str | None = None,
                   basic_username: str | None = None, placeholder_headers: list[str] | None = None,
-                  env: str | None = None, client: Client | None = None) -> m.SecretInfo:
+                  env: str | None = None, allow_requests: list[str] | None = None,
+                  client: Client | None = None) -> m.SecretInfo:
         """Injection: a header (default ``Authorization: Bearer {value}``; ``header``/``template``),
-        basic auth (``basic_username``), or placeholder substitution in ``placeholder_headers``."""
+        basic auth (``basic_username``), or placeholder substitution in ``placeholder_headers``.
+        ``allow_requests=["GET /repos/org/*"]`` limits what the credential may be used for."""
         if sum(x is not None for x in (basic_username, placeholder_headers)) + (header is not None or
                                                                                template is not None) > 1:
             raise errors.InvalidRequestError("choose one injection: header/template, basic_username or "
@@ -614,7 +616,8 @@ class AsyncSecrets:
             injection = {"kind": "header", **({"header": header} if header else {}),
                          **({"template": template} if template else {})}
         c = client or default_client()
-        body = {"value": value, "hosts": hosts, "injection": injection, "env": env}
+        body = {"value": value, "hosts": hosts, "injection": injection, "env": env,
+                "allow_requests": allow_requests or []}
         return m.SecretInfo.model_validate(await c.json("PUT", f"/secrets/{name}", json=body))
 
     @staticmethod

@@ -314,10 +314,11 @@ class Secrets:
     @staticmethod
     def set(name: str, value: str, hosts: list[str], *, header: str | None = None, template: str | None = None,
             basic_username: str | None = None, placeholder_headers: list[str] | None = None,
-            env: str | None = None, client: c.Client | None = None) -> m.SecretInfo:
+            env: str | None = None, allow_requests: list[str] | None = None,
+            client: c.Client | None = None) -> m.SecretInfo:
         return run(c.AsyncSecrets.set(name, value, hosts, header=header, template=template,
                                       basic_username=basic_username, placeholder_headers=placeholder_headers,
-                                      env=env, client=client))
+                                      env=env, allow_requests=allow_requests, client=client))
 
     @staticmethod
     def list(*, client: c.Client | None = None) -> list[m.SecretInfo]:
