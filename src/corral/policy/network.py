@@ -32,7 +32,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
-from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -81,6 +80,7 @@ _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
 _SECRET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _METHOD = re.compile(r"^(?:\*|[A-Z]{1,20})$")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 # Headers that frame the message or route it: never injected into or substituted in.
 _FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te",
                                 "trailer", "keep-alive", "proxy-connection", "expect"})
@@ -430,7 +430,8 @@ class SecretBinding(BaseModel):
         a path with '.'/'..' segments, backslashes or NUL never matches (no way around a prefix)."""
         if not self.allow_requests:
             return True
-        path = unquote(target.split("?", 1)[0].split("#", 1)[0])
+        # Percent-decoded byte by byte (latin-1): non-ASCII never matches an ASCII pattern by accident.
+        path = _PERCENT.sub(lambda m: chr(int(m.group(1), 16)), target.split("?", 1)[0].split("#", 1)[0])
         if not path.startswith("/") or "\\" in path or "\x00" in path or any(
                 seg in (".", "..") for seg in path.split("/")):
             return False
