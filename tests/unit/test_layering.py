@@ -145,8 +145,8 @@ def test_import_linter_config_has_the_layering_contracts() -> None:
     cfg.read(ROOT / ".importlinter")
     assert cfg["importlinter"]["root_package"] == "corral"
     contracts = {s.split(":", 2)[2]: cfg[s] for s in cfg.sections() if s.startswith("importlinter:contract:")}
-    assert {"agent-stdlib-only", "policy-pure", "sdk-through-api", "cli-through-api", "runtimes-below-daemon"} \
-        <= set(contracts)
+    assert {"agent-stdlib-only", "policy-pure", "sdk-through-api", "cli-through-api", "runtimes-below-daemon",
+            "execguard-below-daemon", "network-below-daemon"} <= set(contracts)
     assert all(c["type"] == "forbidden" for c in contracts.values())
     cli_forbidden = contracts["cli-through-api"]["forbidden_modules"].split()
     assert {"corral.daemon", "corral.runtimes"} <= set(cli_forbidden)
