@@ -253,12 +253,20 @@ class _Redactor:
         for f in self.forms:
             if f in data:
                 data = data.replace(f, b"*" * len(f))
+        # Hold back the longest tail that could be the start of a form split across chunks. Only the
+        # positions of a form's first byte are candidates (this runs on every chunk of a response).
         hold = 0
         for f in self.forms:
-            for k in range(min(len(f) - 1, len(data)), hold, -1):
-                if data.endswith(f[:k]):
-                    hold = k
+            n = min(len(f) - 1, len(data))
+            if n <= hold:
+                continue
+            tail = data[len(data) - n:]
+            i = tail.find(f[:1])
+            while i >= 0 and n - i > hold:
+                if f.startswith(tail[i:]):
+                    hold = n - i
                     break
+                i = tail.find(f[:1], i + 1)
         self.held = data[len(data) - hold:] if hold else b""
         return data[:len(data) - hold] if hold else data
 
