@@ -39,8 +39,16 @@ write_conf() {
 
 criu_major() { "$1" --version 2>/dev/null | sed -n 's/^Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n1; }
 
+# Corral's patches to CRIU 4.1.1 (a criu built without them is rebuilt):
+#   sockopt-passcred  Linux 6.16+ refuses SO_PASSCRED/SO_PASSSEC on sockets other than AF_UNIX and
+#                     AF_NETLINK (EOPNOTSUPP), so 4.1.1 cannot dump any process holding an inet socket
+#                     ("Can't get 1:16 opt"). Only read those options on unix/netlink sockets, as
+#                     upstream CRIU does after checkpoint-restore/criu#2718.
+PATCHES="sockopt-passcred"
+MARK="$PREFIX/share/corral-criu-patches"
+
 # 0. Fast path -------------------------------------------------------------------------------------
-if [ -x "$BIN" ] && [ "$(criu_major "$BIN")" = 4 ]; then
+if [ -x "$BIN" ] && [ "$(criu_major "$BIN")" = 4 ] && [ "$(cat "$MARK" 2>/dev/null)" = "$PATCHES" ]; then
   write_conf
   say "already installed: $BIN ($("$BIN" --version | head -n1))"
   exit 0
@@ -133,6 +141,44 @@ fi
 [ -n "$SRCDIR" ] && [ -f "$SRCDIR/Makefile" ] || die "unpacked criu source not found under $WORK"
 step "source: $PATCHED"
 
+# 3b. Corral's patches (see PATCHES above) ---------------------------------------------------------------
+step "patching: $PATCHES"
+python3 - "$SRCDIR/criu/sockets.c" <<'PY' || die "could not apply the sockopt-passcred patch"
+import sys
+path = sys.argv[1]
+src = open(path).read()
+old = """	ret |= dump_opt(sk, SOL_SOCKET, SO_PASSCRED, &val);
+	soe->has_so_passcred = true;
+	soe->so_passcred = val ? true : false;
+
+	ret |= dump_opt(sk, SOL_SOCKET, SO_PASSSEC, &val);
+	soe->has_so_passsec = true;
+	soe->so_passsec = val ? true : false;
+"""
+new = """	{
+		/* Corral patch sockopt-passcred: Linux 6.16+ has these on unix and netlink sockets only. */
+		int family = 0;
+		socklen_t flen = sizeof(family);
+
+		if (getsockopt(sk, SOL_SOCKET, SO_DOMAIN, &family, &flen) == 0 &&
+		    (family == AF_UNIX || family == AF_NETLINK)) {
+			ret |= dump_opt(sk, SOL_SOCKET, SO_PASSCRED, &val);
+			soe->has_so_passcred = true;
+			soe->so_passcred = val ? true : false;
+
+			ret |= dump_opt(sk, SOL_SOCKET, SO_PASSSEC, &val);
+			soe->has_so_passsec = true;
+			soe->so_passsec = val ? true : false;
+		}
+	}
+"""
+if "Corral patch sockopt-passcred" in src:
+    sys.exit(0)
+if src.count(old) != 1:
+    sys.exit("the SO_PASSCRED block of dump_socket_opts() was not found exactly once")
+open(path, "w").write(src.replace(old, new))
+PY
+
 # 4. Build only the criu binary -----------------------------------------------------------------------
 step "building criu (make -j$JOBS criu; log: $WORK/build.log)"
 if ! ( cd "$SRCDIR" && nice -n 10 make -j"$JOBS" criu V=0 ) >"$WORK/build.log" 2>&1; then
@@ -153,6 +199,8 @@ if ldd "$BIN" | grep -q 'not found'; then
 fi
 [ "$(criu_major "$BIN")" = 4 ] || die "$BIN does not report version 4.x: $("$BIN" --version 2>&1 | head -n1)"
 
+install -d -m 0755 "$PREFIX/share"
+printf '%s\n' "$PATCHES" > "$MARK"
 write_conf
 step "done: $BIN (runc: export CRIU_CONFIG_FILE=$PREFIX/etc/criu-runc.conf)"
 "$BIN" --version

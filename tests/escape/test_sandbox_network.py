@@ -473,6 +473,22 @@ def test_request_rules_limit_what_a_credential_may_do(world: World) -> None:
     assert world.seen_since(n) == []  # refused at the proxy: the upstream saw nothing
     denied = [r for r in world.audit("net.deny") if r["detail"].get("rule") == "secret:scoped"]
     assert len(denied) >= 4
+    # Changing the secret's rules applies to running sandboxes at once (and a new value with it).
+    from corral import Secrets
+
+    Secrets.set("scoped", TOKEN[::-1] + "2", ["scoped.allowed.test"], allow_requests=["GET /repos/other/*"],
+                client=world.client)
+    try:
+        assert world.curl("https://scoped.allowed.test/repos/org/app")[0] == 403
+        n = len(world.echo.seen)
+        assert world.curl("https://scoped.allowed.test/repos/other/app")[0] == 200
+        assert world.seen_since(n)[0].headers.get("authorization") == f"Bearer {TOKEN[::-1]}2"
+    finally:
+        Secrets.set("scoped", TOKEN[::-1], ["scoped.allowed.test"], allow_requests=["GET /repos/org/*"],
+                    client=world.client)
+    # A secret in use cannot be deleted from under its sandboxes.
+    r = world.http.delete("/secrets/scoped")
+    assert r.status_code == 409 and world.sb.id in r.text
 
 
 def test_redirect_to_another_host_drops_the_credential(world: World) -> None:
@@ -603,6 +619,13 @@ def test_hibernate_and_restore_rewire_the_same_address(world: World) -> None:
     try:
         _, before = world.sh("echo $HTTPS_PROXY", sb)
         assert world.curl("https://allowed.test/pre", sb=sb)[0] == 200
+        # An open connection (a keep-alive pool) does not stop the checkpoint: it comes back closed.
+        holder = sb.commands.run(["python3", "-c", "import socket,time\ns=socket.create_connection(('allowed.test',80))\n"
+                                  "s.sendall(b'GET /held HTTP/1.1\\r\\nHost: allowed.test\\r\\n\\r\\n');s.recv(100)\n"
+                                  "print('open',flush=True);time.sleep(600)"], background=True)
+        deadline = time.monotonic() + 10
+        while not [x for x in world.echo.seen if x.path == "/held"] and time.monotonic() < deadline:
+            time.sleep(0.1)
         sb.pause(to_disk=True)
         assert sb.info.status == "hibernated"
         n = len(world.echo.seen)
@@ -611,6 +634,7 @@ def test_hibernate_and_restore_rewire_the_same_address(world: World) -> None:
         assert after == before
         assert world.seen_since(n)[-1].headers.get("authorization") == f"Bearer {TOKEN}"
         assert world.curl("https://evil.test/", sb=sb)[0] in (0, 403)
+        assert holder.pid in [p.pid for p in sb.commands.list()]  # the process itself came back
     finally:
         sb.kill()
 
@@ -670,3 +694,22 @@ def test_cli_creates_a_networked_sandbox(world: World) -> None:
         assert bad.returncode == 2 and "allows everything" in bad.stderr
     finally:
         world.http.delete(f"/sandboxes/{sid}")
+
+
+def test_busybox_image_without_resolv_conf_gets_corral_resolver(world: World) -> None:
+    require("template-busybox")
+    from corral import Sandbox
+    from tests.conftest import _ensure_template
+
+    _ensure_template(world.d, "busybox")
+    sb = Sandbox.create("busybox", network=NETWORK, client=world.client)
+    try:
+        r = sb.commands.run(["sh", "-c", "cat /etc/resolv.conf; nslookup allowed.test; nslookup evil.test; "
+                             "wget -q -O- http://allowed.test/bb; echo rc=$?"])
+        out = r.stdout + r.stderr
+        world.outputs.append(out)
+        assert "nameserver 10.203.0." in out, out
+        assert ALLOWED in out and EVIL not in out, out
+        assert '"path": "/bb"' in out, out
+    finally:
+        sb.kill()

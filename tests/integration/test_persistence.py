@@ -152,6 +152,24 @@ def test_hibernate_checkpoints_processes_to_disk_and_restores_them(daemon, busyb
         assert sb.files.read("/root/data/f0") == files["/root/data/f0"]
 
 
+def test_hibernate_a_sandbox_with_inet_sockets(daemon, base):
+    """A server listening on loopback and a client connected to it: CRIU (patched for Linux 6.16+,
+    scripts/build-criu.sh) dumps them; the listener comes back, the open connection comes back closed."""
+    require("hibernation")
+    with Sandbox.create(template=base, hibernatable=True) as sb:
+        sb.commands.run("cd /tmp && echo hello > page && exec python3 -m http.server 8000 --bind 127.0.0.1",
+                        background=True, tag="server")
+        sb.commands.run("python3 -c \"import socket,time\nfor _ in range(100):\n try: s=socket.create_connection("
+                        "('127.0.0.1',8000)); break\n except OSError: time.sleep(0.05)\ntime.sleep(600)\"",
+                        background=True, tag="client")
+        r = sb.commands.run("for i in $(seq 50); do curl -sf http://127.0.0.1:8000/page && break; sleep 0.1; done")
+        assert r.stdout == "hello\n"
+        assert sb.pause(to_disk=True).status == "hibernated"
+        assert sb.resume().status == "running"
+        assert sb.commands.run("curl -sf http://127.0.0.1:8000/page").stdout == "hello\n"
+        assert {p.tag for p in sb.commands.list() if p.running} >= {"server", "client"}
+
+
 def test_idle_hibernate_and_a_daemon_restart_while_hibernated(busybox):
     require("hibernation")
     with fresh_daemon() as d:

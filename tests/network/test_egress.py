@@ -513,3 +513,20 @@ def test_detach_and_orphan_cleanup(net: Env) -> None:
     finally:
         extra.close()
     assert net.curl("https://allowed.test/")[0] == 200  # attached sandboxes untouched
+
+
+def test_host_process_cannot_pass_for_a_sandbox(net: Env) -> None:
+    """The proxy knows sandboxes by source address: a host process that binds a sandbox's address with
+    IP_FREEBIND and connects over loopback gets nowhere (nftables drops a pool source on any other
+    interface, and the replies would be routed to the sandbox's veth anyway)."""
+    ip = net.mgr.net(net.sid).ip
+    assert net.mgr.proxy.address is not None
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+        s.bind((ip, 0))
+        s.settimeout(2)
+        with pytest.raises(OSError):
+            s.connect(net.mgr.proxy.address)
+    finally:
+        s.close()

@@ -189,16 +189,17 @@ def test_secret_bindings() -> None:
 def test_secret_request_rules() -> None:
     b = SecretBinding(name="gh", hosts=("api.github.com",), allow_requests=("get /repos/org/*", "* /graphql"))
     assert b.allow_requests == ("GET /repos/org/*", "* /graphql")
-    ok = [("GET", "/repos/org/x"), ("GET", "/repos/org/x/y?ref=main"), ("POST", "/graphql"), ("get", "/repos/org/a")]
+    ok = [("GET", "/repos/org/x"), ("GET", "/repos/org/x/y?ref=main"), ("POST", "/graphql")]
     bad = [("POST", "/repos/org/x"), ("GET", "/repos/other/x"), ("GET", "/repos/org/../other/x"),
            ("GET", "/repos/org/%2e%2e/other"), ("GET", "/repos/org/./x"), ("GET", "/repos/org%2f..%2fother/x"),
            ("GET", "/repos/org\\x"), ("GET", "/repos/org/x%00"), ("GET", "http://evil/repos/org/x"),
-           ("GET", "/graphql/x")]
+           ("GET", "/graphql/x"), ("get", "/repos/org/a"), ("GET", "/repos/org/x/..;/..;/admin"),
+           ("GET", "/repos/org/x%23/../../admin"), ("GET", "/repos/org/x%0a"), ("GET", "/repos/org/%ff")]
     for method, target in ok:
         assert b.request_allowed(method, target), (method, target)
     for method, target in bad:
         assert not b.request_allowed(method, target), (method, target)
     assert SecretBinding(name="x", hosts=("a.example.org",)).request_allowed("DELETE", "/anything")
-    for rule in ("GET", "GET repos", "GET /a b", "G3T /a", "/a"):
+    for rule in ("GET", "GET repos", "GET /a b", "G3T /a", "/a", "GET /search?q=*", "GET /a[bc]"):
         with pytest.raises(ValueError):
             SecretBinding(name="x", hosts=("a.example.org",), allow_requests=(rule,))

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import ssl
 import threading
@@ -26,7 +27,7 @@ from typing import Any
 
 from corral import errors
 from corral.network.manager import PROXY_PORT_IN_SANDBOX, NetworkManager
-from corral.network.netns import veth_name
+from corral.network.netns import NetnsError, veth_name
 from corral.network.secrets import SecretError, SecretInfo, SecretStore
 from corral.policy.compile import NET_DIR
 from corral.policy.network import NetworkPlan, NetworkPolicy, SecretBinding, compile_network
@@ -90,11 +91,11 @@ class Networks:
     async def stop(self) -> None:
         """Daemon shutdown: sandboxes keep running; their connections fail (the proxy is gone) until
         the next daemon wires them again. The table stays so that nothing leaks meanwhile."""
-        self.flush()
         if self.manager is not None:
             # With no sandbox wired, nothing needs the table to fail closed: leave the host clean.
             await self.manager.stop(drop_table=not self.plans)
             self.manager = None
+        self.flush()  # after the proxy stopped: its last net.close events are in the batch
 
     def _mgr(self) -> NetworkManager:
         if self.manager is None:
@@ -132,24 +133,36 @@ class Networks:
         except (OSError, ValueError):
             return {}
 
-    def prepare(self, sandbox_id: str, plan: NetworkPlan, sandbox_dir: Path, root_source: Path
-                ) -> tuple[Path, dict[str, str]]:
+    async def prepare(self, sandbox_id: str, plan: NetworkPlan, sandbox_dir: Path, root_source: Path
+                      ) -> tuple[Path, dict[str, str]]:
         """Before boot: reserve the address, write ``net/`` (CA bundle, resolv.conf); returns that
         directory and the sandbox's variables. ``root_source`` is where the image's system CA store is
         read from (the template's root, or / in host mode)."""
         mgr = self._mgr()
         run = sandbox_dir / "run"
-        gateway, ip = mgr.reserve(sandbox_id, self._state(run).get("ip"))
+        try:
+            gateway, ip = await asyncio.to_thread(mgr.reserve, sandbox_id, self._state(run).get("ip"))
+        except NetnsError as e:
+            raise errors.RuntimeUnavailableError(f"no network for {sandbox_id}: {e}",
+                                                 hint="CORRAL_NET_POOL sets the address pool") from None
         (run / "net.json").write_text(json.dumps({"ip": ip, "gateway": gateway}))
         net = sandbox_dir / "net"
         net.mkdir(mode=0o755, exist_ok=True)
         roots = b""
+        root = os.path.realpath(root_source)
         for rel in SYSTEM_BUNDLES:
-            p = root_source / rel
+            p = os.path.join(root, rel)
+            real = os.path.realpath(p)
+            # A link in an image is resolved inside that image only (an absolute link would otherwise
+            # read a host file into a bundle every sandbox can read).
+            if root != "/" and real != p:
+                continue
             with contextlib.suppress(OSError):
-                if p.is_file():
-                    roots = p.read_bytes()
-                    break
+                if os.path.isfile(real):
+                    data = Path(real).read_bytes()[: 8 << 20]
+                    if b"-----BEGIN CERTIFICATE-----" in data:
+                        roots = data
+                        break
         extra = self.settings.upstream_ca.read_bytes() if self.settings.upstream_ca else b""
         bundle = roots.rstrip(b"\n") + b"\n" + mgr.ca.ca_pem + (b"\n" + extra if extra else b"")
         (net / "ca.pem").write_bytes(bundle.lstrip(b"\n"))
@@ -217,9 +230,12 @@ class Networks:
     # ---- secrets ---------------------------------------------------------------------------------
     def set_secret(self, binding: SecretBinding, value: str) -> SecretInfo:
         try:
-            return self.secrets.set(binding, value)
+            info = self.secrets.set(binding, value)
         except SecretError as e:
             raise errors.InvalidRequestError(str(e)) from None
+        if self.manager is not None:
+            self.manager.proxy.forget_placeholders()
+        return info
 
     def list_secrets(self) -> list[SecretInfo]:
         return self.secrets.list()
@@ -229,6 +245,8 @@ class Networks:
             self.secrets.delete(name)
         except SecretError as e:
             raise errors.SecretNotFoundError(str(e)) from None
+        if self.manager is not None:
+            self.manager.proxy.forget_placeholders()
 
     # ---- events ----------------------------------------------------------------------------------
     def _sink(self, event: dict[str, Any]) -> None:

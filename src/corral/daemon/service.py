@@ -204,6 +204,7 @@ class Service:
         except BaseException as e:
             log.warning("create %s failed: %s", rec.id, e)
             self._guard_off(rec.id)
+            await self.networks.detach(rec.id)
             await self.runtime.destroy(rec.id)
             self._update(rec, status="error", desired="stopped", reason="CreateFailed", message=str(e)[:500],
                          deleted_at=time.time())
@@ -283,10 +284,11 @@ class Service:
         t0 = time.perf_counter()
         net_plan = self.networks.plan(policy)
         net_dir, net_env = None, None
-        if net_plan is not None:
-            root_source = Path("/") if policy.root == "host" else Path(lowerdirs[-1])
-            net_dir, net_env = self.networks.prepare(rec.id, net_plan, self.runtime.dir(rec.id), root_source)
         try:
+            if net_plan is not None:
+                root_source = Path("/") if policy.root == "host" else Path(lowerdirs[-1])
+                net_dir, net_env = await self.networks.prepare(rec.id, net_plan, self.runtime.dir(rec.id),
+                                                               root_source)
             await self.runtime.start(rec.id, policy, lowerdirs, net_dir, net_env)
         except BaseException:
             await self.networks.detach(rec.id)
@@ -424,10 +426,12 @@ class Service:
                 try:
                     await self.runtime.checkpoint(sandbox_id)
                 except BaseException:
-                    await self.agent(sandbox_id).request({"op": "dumpable", "value": False})
-                    if net_plan is not None:
-                        await self.networks.attach(sandbox_id, self._init_pid(sandbox_id), net_plan,
-                                                   self.runtime.dir(sandbox_id))
+                    try:
+                        if net_plan is not None:
+                            await self.networks.attach(sandbox_id, self._init_pid(sandbox_id), net_plan,
+                                                       self.runtime.dir(sandbox_id))
+                    finally:
+                        await self.agent(sandbox_id).request({"op": "dumpable", "value": False})
                     raise
                 self._guard_off(sandbox_id)
                 self.pids.pop(sandbox_id, None)
@@ -835,17 +839,29 @@ class Service:
                                     allow_requests=tuple(req.allow_requests))
         except ValueError as e:
             raise errors.InvalidRequestError(f"secret {name!r}: {_first_error(e)}") from None
-        return self._secret_info(self.networks.set_secret(binding, req.value.get_secret_value()))
+        info = self._secret_info(self.networks.set_secret(binding, req.value.get_secret_value()))
+        # Running sandboxes that use it follow the new binding (hosts, injection, request rules) at once.
+        for sid in self._secret_users(name):
+            if sid in self.networks.plans:
+                plan = self.networks.plan(SandboxPolicy.model_validate(self.records[sid].policy))
+                if plan is not None:
+                    self.networks.update(sid, plan)
+        return info
+
+    def _secret_users(self, name: str) -> list[str]:
+        return [r.id for r in self.records.values() if r.deleted_at is None and name in r.policy.get("secrets", [])]
 
     def list_secrets(self) -> m.SecretList:
         return m.SecretList(secrets=[self._secret_info(i) for i in self.networks.list_secrets()])
 
     def delete_secret(self, name: str) -> None:
-        users = [r.id for r in self.records.values() if r.deleted_at is None and name in r.policy.get("secrets", [])]
-        self.networks.delete_secret(name)
+        users = self._secret_users(name)
         if users:
-            log.warning("secret %s deleted while %d sandboxes use it; their requests go out without it", name,
-                        len(users))
+            raise errors.ConflictError(
+                f"secret {name!r} is used by {len(users)} sandbox(es): {', '.join(sorted(users)[:5])}",
+                hint="delete those sandboxes first (their policy names the secret), or `corral secret set` it "
+                     "again to change its value or hosts")
+        self.networks.delete_secret(name)
 
     # ---- exec guard --------------------------------------------------------------------------
     async def _exec_plan(self, policy: SandboxPolicy) -> ExecPlan | None:

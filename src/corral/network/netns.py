@@ -14,7 +14,8 @@ One ``inet corral`` nftables table holds everything:
   all its TCP (any destination, any port) to the egress proxy and its UDP/53 to the DNS responder;
 - ``input`` accepts from sandbox veths only those DNAT'd flows to the proxy and resolver ports
   (so not the daemon's API, not other host services, not the gateway address on other ports) and
-  drops the rest (UDP, ICMP, everything);
+  drops the rest (UDP, ICMP, everything); a pool source address arriving on any other interface
+  (a host process binding one with IP_FREEBIND to pass for a sandbox) is dropped too;
 - ``forward`` drops everything from and to sandbox veths (no routing between sandboxes or out).
 
 The proxy and resolver listen on a loopback address; ``route_localnet`` on the host veth lets the
@@ -161,6 +162,7 @@ add rule inet {self.table} pre_nat iifname @ifaces iifname vmap @natmap
 add rule inet {self.table} input iifname @ifaces ip daddr {a} tcp dport {p} ct status dnat accept
 add rule inet {self.table} input iifname @ifaces ip daddr {a} udp dport {d} ct status dnat accept
 add rule inet {self.table} input iifname @ifaces drop
+add rule inet {self.table} input ip saddr {self.pool} iifname != @ifaces drop
 add rule inet {self.table} forward iifname @ifaces drop
 add rule inet {self.table} forward oifname @ifaces drop
 """

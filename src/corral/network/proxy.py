@@ -56,7 +56,8 @@ HEAD_LIMIT = 64 * 1024
 PEEK_TIMEOUT_S = 0.3  # server-speaks-first protocols (ssh) wait this long before being named by address
 READ_HEAD_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
-_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # used with fullmatch ('$' would accept a final LF)
+_TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII only: what is checked is what is forwarded
 _REQUEST_LINE = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r\n")
 _HOP_BY_HOP = {"proxy-connection", "proxy-authorization", "keep-alive"}
 
@@ -84,6 +85,7 @@ class _Sandbox:
     plan: NetworkPlan
     gateway: str | None
     active: int = 0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 @dataclass
@@ -314,9 +316,18 @@ class EgressProxy:
         self._by_id[sandbox_id].plan = plan
 
     def unregister(self, sandbox_id: str) -> None:
+        """Forget the sandbox and end its open connections (its veth is going away: no FIN will come)."""
         sb = self._by_id.pop(sandbox_id, None)
         if sb is not None:
-            self._by_addr.pop(sb.address, None)
+            if self._by_addr.get(sb.address) is sb:
+                self._by_addr.pop(sb.address, None)
+            for t in list(sb.tasks):
+                t.cancel()
+        self._placeholder_cache.clear()
+
+    def forget_placeholders(self) -> None:
+        """A secret was set or deleted: placeholders are looked up again."""
+        self._placeholder_cache.clear()
 
     def plan_for_address(self, address: str) -> tuple[str, NetworkPlan] | None:
         sb = self._by_addr.get(address)
@@ -386,6 +397,10 @@ class EgressProxy:
             sock.close()  # not a sandbox (E19): nobody else may use the proxy
             return
         c = _Conn(sb, "transparent")
+        me = asyncio.current_task()
+        if me is not None:
+            sb.tasks.add(me)
+            me.add_done_callback(sb.tasks.discard)
         if sb.active >= self.max_connections:
             self._event("net.deny", c, reason=f"more than {self.max_connections} concurrent connections")
             sock.close()
@@ -939,14 +954,16 @@ class EgressProxy:
 def _parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
     lines = head[:-4].split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise _Reject(400, "malformed request line")
+    if not _TARGET.fullmatch(parts[1]) or b"#" in parts[1]:
+        raise _Reject(400, "the request target has control, space, non-ASCII or '#' characters")
     headers: list[tuple[str, str]] = []
     for raw in lines[1:]:
         if not raw or raw[:1] in (b" ", b"\t"):
             raise _Reject(400, "obsolete header folding or empty header line")
         name, sep, value = raw.partition(b":")
-        if not sep or not _TOKEN.match(name):
+        if not sep or not _TOKEN.fullmatch(name):
             raise _Reject(400, "malformed header")
         if b"\x00" in value or b"\r" in value or b"\n" in value:
             raise _Reject(400, "control characters in a header value")

@@ -420,24 +420,27 @@ class SecretBinding(BaseModel):
             method, sep, path = e.strip().partition(" ")
             method, path = method.upper(), path.strip()
             if not sep or not _METHOD.fullmatch(method) or not path.startswith("/") or any(
-                    c in path for c in " \t\r\n\x00\\"):
+                    c in path for c in " \t\r\n\x00\\?[]#"):
                 raise ValueError(f"request rules are 'METHOD /path' with '*' wildcards, e.g. 'GET /repos/org/*': {e!r}")
             out.append(f"{method} {path}")
         return tuple(out)
 
     def request_allowed(self, method: str, target: str) -> bool:
-        """May this request carry the secret? Paths are compared percent-decoded, without the query;
-        a path with '.'/'..' segments, backslashes or NUL never matches (no way around a prefix)."""
+        """May this request carry the secret? The method is compared exactly (HTTP methods are
+        case-sensitive), the path percent-decoded and without the query, ``*`` matching any characters
+        including '/'. A path with '.'/'..' segments (also '..;'), backslashes, NUL, '#', '?', brackets
+        or anything outside visible ASCII never matches (no way around a prefix)."""
         if not self.allow_requests:
             return True
         # Percent-decoded byte by byte (latin-1): non-ASCII never matches an ASCII pattern by accident.
         path = _PERCENT.sub(lambda m: chr(int(m.group(1), 16)), target.split("?", 1)[0].split("#", 1)[0])
-        if not path.startswith("/") or "\\" in path or "\x00" in path or any(
-                seg in (".", "..") for seg in path.split("/")):
+        if not path.startswith("/") or any(c in path for c in "\\\x00#?[]") or any(
+                not (0x21 <= ord(c) <= 0x7e) for c in path) or any(
+                seg.split(";", 1)[0] in (".", "..") for seg in path.split("/")):
             return False
         for rule in self.allow_requests:
             m, _, pattern = rule.partition(" ")
-            if m in ("*", method.upper()) and fnmatch.fnmatchcase(path, pattern):
+            if m in ("*", method) and fnmatch.fnmatchcase(path, pattern):
                 return True
         return False
 

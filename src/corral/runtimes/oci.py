@@ -114,13 +114,18 @@ NET_FILES = (("/etc/resolv.conf", "resolv.conf"), ("/etc/ssl/certs/ca-certificat
              ("/etc/pki/tls/certs/ca-bundle.crt", "ca.pem"), ("/etc/ssl/cert.pem", "ca.pem"))
 
 
-def _net_files(rootfs: str, net_dir: Path) -> tuple[tuple[str, str], ...]:
+def _net_files(rootfs: str, net_dir: Path, writable_root: bool) -> tuple[tuple[str, str], ...]:
     out = []
     root = os.path.realpath(rootfs)
     for dest, name in NET_FILES:
         target = root + dest
         # Only a regular file reached without symlinks: a link could point anywhere in the root.
         if os.path.realpath(target) == target and os.path.isfile(target):
+            out.append((dest, str(net_dir / name)))
+        elif dest == "/etc/resolv.conf" and writable_root and not os.path.lexists(target) and \
+                os.path.realpath(os.path.dirname(target)) == os.path.dirname(target):
+            # An image without one (busybox): the runtime creates the mountpoint in the sandbox's own
+            # layer; without it libc would ask 127.0.0.1, which has no resolver in the sandbox.
             out.append((dest, str(net_dir / name)))
     return tuple(out)
 
@@ -271,7 +276,7 @@ class OciRuntime:
             volumes=tuple((dest, str(self.mount_volume(v.name)), v.read_only) for dest, v in policy.volumes.items()),
             agent_sock_dir=str(d / "sock") if policy.hibernatable else None,
             net_dir=str(net_dir) if net_dir else None,
-            net_files=_net_files(rootfs, net_dir) if net_dir else (),
+            net_files=_net_files(rootfs, net_dir, policy.root != "host") if net_dir else (),
             net_env=tuple(sorted((net_env or {}).items())),
         )
         nofile = min(defaults.NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
@@ -328,11 +333,21 @@ class OciRuntime:
             tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
             raise RuntimeUnavailableError(f"runc {args[0]} failed for sandbox {sandbox_id}: {tail}")
 
+    CRIU_CONFIG = ("# written by corrald\n"
+                   "# iptables is not installed here; nftables locks the network while CRIU dumps.\n"
+                   "network-lock nftables\n"
+                   "# A networked sandbox's veth is removed before the dump: its TCP connections cannot be\n"
+                   "# restored, so they are dumped (and restored) closed instead of failing the dump.\n"
+                   "tcp-close\n")
+
     def criu_config(self) -> Path:
-        # iptables is not installed here; nftables locks the network while CRIU dumps.
         p = self.data_dir / "criu.conf"
-        if not p.exists():
-            p.write_text("network-lock nftables\n")
+        try:
+            current = p.read_text()
+        except OSError:
+            current = ""
+        if current != self.CRIU_CONFIG:
+            p.write_text(self.CRIU_CONFIG)
         return p
 
     def checkpoint_dir(self, sandbox_id: str) -> Path:
