@@ -144,17 +144,27 @@ step "source: $PATCHED"
 # 3b. Corral's patches (see PATCHES above) ---------------------------------------------------------------
 step "patching: $PATCHES"
 python3 - "$SRCDIR/criu/sockets.c" <<'PY' || die "could not apply the sockopt-passcred patch"
+import re
 import sys
+
 path = sys.argv[1]
 src = open(path).read()
-old = """	ret |= dump_opt(sk, SOL_SOCKET, SO_PASSCRED, &val);
-	soe->has_so_passcred = true;
-	soe->so_passcred = val ? true : false;
-
-	ret |= dump_opt(sk, SOL_SOCKET, SO_PASSSEC, &val);
-	soe->has_so_passsec = true;
-	soe->so_passsec = val ? true : false;
-"""
+if "Corral patch sockopt-passcred" in src:
+    sys.exit(0)
+body_at = src.find("int dump_socket_opts(")
+body = src[body_at:src.find("\n}\n", body_at)] if body_at >= 0 else ""
+# The two options as 4.1.1 dumps them (whitespace-tolerant: Debian's patches may reindent).
+block = re.compile(
+    r"[ \t]*ret \|= dump_opt\(sk, SOL_SOCKET, SO_PASSCRED, &val\);\s*"
+    r"soe->has_so_passcred = true;\s*soe->so_passcred = val \? true : false;\s*"
+    r"ret \|= dump_opt\(sk, SOL_SOCKET, SO_PASSSEC, &val\);\s*"
+    r"soe->has_so_passsec = true;\s*soe->so_passsec = val \? true : false;\n")
+found = block.findall(body)
+if len(found) != 1:
+    if "SO_PASSCRED" in body and ("AF_UNIX" in body or "AF_NETLINK" in body):
+        print("build-criu: this source already limits SO_PASSCRED to unix/netlink sockets")
+        sys.exit(0)
+    sys.exit("the SO_PASSCRED/SO_PASSSEC block of dump_socket_opts() was not found exactly once")
 new = """	{
 		/* Corral patch sockopt-passcred: Linux 6.16+ has these on unix and netlink sockets only. */
 		int family = 0;
@@ -172,11 +182,7 @@ new = """	{
 		}
 	}
 """
-if "Corral patch sockopt-passcred" in src:
-    sys.exit(0)
-if src.count(old) != 1:
-    sys.exit("the SO_PASSCRED block of dump_socket_opts() was not found exactly once")
-open(path, "w").write(src.replace(old, new))
+open(path, "w").write(src.replace(found[0], new, 1))
 PY
 
 # 4. Build only the criu binary -----------------------------------------------------------------------
