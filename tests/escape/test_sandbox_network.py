@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -556,26 +557,36 @@ def test_live_update_applies_to_new_connections(world: World) -> None:
 
 
 def test_audit_stream_and_cli_logs(world: World) -> None:
+    lines: list[dict[str, Any]] = []
     with subprocess.Popen([sys.executable, "-m", "corral.cli.main", "logs", "--audit", world.sb.id, "-f", "--json",
                            "--kind", "net."], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                           env=world.d.env) as p:
-        try:
-            time.sleep(2.0)
-            world.curl("https://evil.test/x")
-            world.curl("https://allowed.test/streamed")
-            deadline = time.monotonic() + 20
-            lines: list[dict[str, Any]] = []
-            assert p.stdout is not None
-            while time.monotonic() < deadline and not any(x["action"] == "net.close" for x in lines):
-                line = p.stdout.readline()
+        assert p.stdout is not None
+        out = p.stdout
+
+        def reader() -> None:
+            for line in out:
                 if line.strip():
                     lines.append(json.loads(line))
-            kinds = {x["action"] for x in lines}
-            assert "net.deny" in kinds and "net.close" in kinds, lines
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        try:
+            # The stream starts "from now" once the CLI is connected: keep making traffic until it shows.
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline:
+                world.curl("https://evil.test/x")
+                world.curl("https://allowed.test/streamed")
+                time.sleep(0.5)
+                kinds = {x["action"] for x in lines}
+                if {"net.deny", "net.close"} <= kinds:
+                    break
+            assert {"net.deny", "net.close"} <= {x["action"] for x in lines}, lines
             assert all(x["target"] == world.sb.id for x in lines)
         finally:
             p.terminate()
             p.wait(10)
+            t.join(5)
     p2 = subprocess.run([sys.executable, "-m", "corral.cli.main", "logs", "--audit", world.sb.id, "--kind",
                          "secret."], capture_output=True, text=True, env=world.d.env, timeout=60)
     assert p2.returncode == 0 and "secret.use" in p2.stdout
