@@ -638,18 +638,8 @@ class EgressProxy:
             raise
         writer = asyncio.StreamWriter(transport, proto, reader, loop)
         self._event("net.connect", c)
-        try:
-            await self._http_session(c, reader, writer, fixed=(host, port), default_port=port,
-                                     proxy_form=False, upstream=(up_r, up_w, host, port), brokered=True)
-        except _Reject as e:
-            self._event("net.deny", c, reason=e.reason, **({"rule": e.rule} if e.rule else {}))
-            with contextlib.suppress(Exception):
-                writer.write(_error_response(e.status, e.reason))
-                await writer.drain()
-        finally:
-            writer.close()
-            self._event("net.close", c, bytes_up=c.up, bytes_down=c.down,
-                        duration_s=round(time.monotonic() - c.started, 3))
+        await self._serve(c, reader, writer, fixed=(host, port), default_port=port, proxy_form=False,
+                          upstream=(up_r, up_w, host, port), brokered=True)
 
     async def _http(self, c: _Conn, sock: socket.socket, *, fixed: tuple[str | IPAddress, int] | None,
                     default_port: int, proxy_form: bool) -> None:
@@ -663,9 +653,14 @@ class EgressProxy:
             dup.close()
             raise
         writer = asyncio.StreamWriter(transport, proto, reader, loop)
+        await self._serve(c, reader, writer, fixed=fixed, default_port=default_port, proxy_form=proxy_form,
+                          upstream=None, brokered=False)
+
+    async def _serve(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     **session: Any) -> None:
+        """Run an HTTP session; a refusal is answered on the client's stream (inside TLS when brokered)."""
         try:
-            await self._http_session(c, reader, writer, fixed=fixed, default_port=default_port,
-                                     proxy_form=proxy_form, upstream=None, brokered=False)
+            await self._http_session(c, reader, writer, **session)
         except _Reject as e:
             self._event("net.deny", c, reason=e.reason, **({"rule": e.rule} if e.rule else {}))
             with contextlib.suppress(Exception):
@@ -673,7 +668,7 @@ class EgressProxy:
                 await writer.drain()
         finally:
             writer.close()
-            if c.ip:
+            if c.ip:  # (a plain-HTTP session refused before any upstream was chosen connected nothing)
                 self._event("net.close", c, bytes_up=c.up, bytes_down=c.down,
                             duration_s=round(time.monotonic() - c.started, 3))
 
