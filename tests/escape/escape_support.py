@@ -178,3 +178,21 @@ def host_pids_with(token: str) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def host_pids_named(argv0: str) -> list[int]:
+    """Host pids whose argv[0] is exactly ``argv0`` (a process that finished its ``exec -a``).
+
+    Matching anywhere in the command line also finds the shells that started it (their ``-c``
+    script names the token) and misses a process in the middle of execve (its command line reads
+    empty for a moment): a wait on that can see the token come and go.
+    """
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "cmdline").read_bytes().split(b"\0", 1)[0] == argv0.encode():
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out

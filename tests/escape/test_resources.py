@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.escape.escape_support import host_pids_with, inside, kill_quietly
+from tests.escape.escape_support import host_pids_named, host_pids_with, inside, kill_quietly
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "freezer", "blkio", "devices", "cpuset")
@@ -103,9 +103,9 @@ def test_fork_bomb_stops_at_pids_max_and_the_host_stays_responsive(daemon, base)
         # A would-be survivor: double fork + setsid + nohup, reparented away from its command.
         sb.commands.run(f"(setsid nohup bash -c 'exec -a {token} sleep 1000' >/dev/null 2>&1 &) ; true")
         deadline = time.monotonic() + 10  # it runs in the background: give it a moment to exec
-        while not host_pids_with(token) and time.monotonic() < deadline:
+        while not host_pids_named(token) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(host_pids_with(token)) == 1
+        assert len(host_pids_named(token)) == 1
         _start_bomb(sb, 4)
         # Meanwhile, on the host: fork+exec and the daemon's API stay fast. Nothing here talks to
         # the sandbox's agent while the bomb runs (see the next test for why).
