@@ -1,7 +1,8 @@
 """Egress proxy latency and throughput vs a direct connection to the same local upstream, same run.
 
-Three processes on loopback: an HTTP/HTTPS upstream, the egress proxy (explicit mode; the bench
-client is registered as the sandbox), and the client (this process). Keep-alive connections; the
+Four processes on loopback: an HTTP/HTTPS upstream, the egress proxy (explicit mode; the bench
+client is registered as the sandbox), a bare byte relay to the upstream (the floor of any proxy
+process), and the client (this process). Keep-alive connections; the
 latency is per request on an open connection, the throughput a large body over one connection.
 
     .venv/bin/python bench/egress.py [--requests 2000] [--mib 256]
@@ -87,6 +88,54 @@ async def upstream(d: Path) -> None:
     tls = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
     print(json.dumps({"http": plain.sockets[0].getsockname()[1], "https": tls.sockets[0].getsockname()[1]}),
           flush=True)
+    await asyncio.Event().wait()
+
+
+# ------------------------------------------------------------------------------------ relay
+
+
+async def relay(target_port: int) -> None:
+    """The floor any proxy process pays: a bare byte relay to the upstream (no policy, no parsing).
+
+    Same event loop and socket options as the proxy, so the hop itself (two more sockets, two
+    wakeups of another process) is measured apart from what the proxy does with the bytes.
+    """
+
+    class Pipe(asyncio.Protocol):
+        def __init__(self, peer: Pipe | None = None) -> None:
+            self.peer = peer
+            self.transport: asyncio.Transport | None = None
+            self.early: list[bytes] = []
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.peer is None:  # the client's side: open the upstream, pause until it is there
+                self.transport.pause_reading()  # type: ignore[union-attr]
+                asyncio.get_running_loop().create_task(self._connect())
+
+        async def _connect(self) -> None:
+            loop = asyncio.get_running_loop()
+            _, up = await loop.create_connection(lambda: Pipe(self), "127.0.0.1", target_port)
+            self.peer = up
+            assert self.transport is not None and up.transport is not None
+            for data in self.early:
+                up.transport.write(data)
+            self.transport.resume_reading()
+
+        def data_received(self, data: bytes) -> None:
+            if self.peer is None or self.peer.transport is None:
+                self.early.append(data)
+            else:
+                self.peer.transport.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.peer is not None and self.peer.transport is not None:
+                self.peer.transport.close()
+
+    server = await asyncio.get_running_loop().create_server(Pipe, "127.0.0.1", 0)
+    print(json.dumps({"relay": server.sockets[0].getsockname()[1]}), flush=True)
     await asyncio.Event().wait()
 
 
@@ -223,6 +272,8 @@ def main() -> None:
         d = Path(a.dir)
         if a.role == "upstream":
             asyncio.run(upstream(d))
+        elif a.role == "relay":
+            asyncio.run(relay(int(a.ports)))
         else:
             hp, sp = (int(x) for x in a.ports.split(","))
             asyncio.run(proxy(d, hp, sp))
@@ -233,6 +284,7 @@ def main() -> None:
         me = [sys.executable, __file__, "--dir", tmp, "--loop", a.loop]
         up = subprocess.Popen([*me, "--role", "upstream"], stdout=subprocess.PIPE, text=True)
         px: subprocess.Popen[str] | None = None
+        rl: subprocess.Popen[str] | None = None
         try:
             assert up.stdout is not None
             ports = json.loads(up.stdout.readline())
@@ -240,6 +292,10 @@ def main() -> None:
                                   stdout=subprocess.PIPE, text=True)
             assert px.stdout is not None
             pport = json.loads(px.stdout.readline())["proxy"]
+            rl = subprocess.Popen([*me, "--role", "relay", "--ports", str(ports["https"])],
+                                  stdout=subprocess.PIPE, text=True)
+            assert rl.stdout is not None
+            rport = json.loads(rl.stdout.readline())["relay"]
             ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
             ctx.load_verify_locations(d / "corral-ca" / "ca.pem")
             ctx.set_alpn_protocols(["http/1.1"])
@@ -248,6 +304,7 @@ def main() -> None:
                 "http direct": ("bench.test", hp, None, None),
                 "http proxy": ("bench.test", hp, None, pport),
                 "https direct": ("bench.test", sp, ctx, None),
+                "https bare relay": ("bench.test", rport, ctx, None),
                 "https pass-through": ("bench.test", sp, ctx, pport),
                 "https brokered": ("broker.test", sp, ctx, pport),
             }
@@ -281,8 +338,11 @@ def main() -> None:
                   f"brokered {fl['https brokered'] / fl['https direct']:.2f}x direct")
             print(f"https brokered: {lat['https brokered'] / lat['https direct']:.2f}x direct p50 (target <= 3x), "
                   f"{thr['https brokered'] / thr['https direct']:.0%} of direct throughput")
+            print(f"https bare relay (the floor of any proxy process): {lat['https bare relay'] / lat['https direct']:.2f}x "
+                  f"direct p50; brokered {lat['https brokered'] / lat['https bare relay']:.2f}x the bare relay, "
+                  f"pass-through {lat['https pass-through'] / lat['https bare relay']:.2f}x")
         finally:
-            for p in (up, px):
+            for p in (up, px, rl):
                 if p is not None:
                     p.kill()
                     p.wait()
