@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -724,3 +725,77 @@ def test_busybox_image_without_resolv_conf_gets_corral_resolver(world: World) ->
         assert '"path": "/bb"' in out, out
     finally:
         sb.kill()
+
+
+def test_resolver_and_ca_store_reached_through_links_in_the_image(world: World) -> None:
+    """An image whose /etc/resolv.conf is systemd-resolved's stub link into /run and whose CA store is
+    a Fedora-style chain of links: the sandbox's own resolution of those paths lands on Corral's files
+    (read-only), so tools that ignore every variable still resolve through Corral and trust its CA."""
+    from corral import Sandbox
+
+    plain = Sandbox.create("base", client=world.client)
+    try:
+        r = plain.commands.run(["bash", "-ec", """
+            rm /etc/resolv.conf; ln -s ../run/systemd/resolve/stub-resolv.conf /etc/resolv.conf
+            mkdir -p /etc/pki/ca-trust/extracted/pem /etc/pki/tls/certs
+            mv /etc/ssl/certs/ca-certificates.crt /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+            ln -s /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem /etc/pki/tls/certs/ca-bundle.crt
+            ln -s /etc/pki/tls/certs/ca-bundle.crt /etc/ssl/certs/ca-certificates.crt"""])
+        assert r.exit_code == 0, r.stderr
+        snap = plain.snapshot()
+    finally:
+        plain.kill()
+    sb = Sandbox.create(from_snapshot=snap, network=NETWORK, client=world.client)
+    try:
+        rc, out = world.sh("readlink /etc/resolv.conf; cat /etc/resolv.conf; getent hosts allowed.test; "
+                           "getent hosts evil.test; echo evil-rc=$?", sb)
+        assert out.startswith("../run/systemd/resolve/stub-resolv.conf\nnameserver 10.203.0."), out
+        assert ALLOWED in out and "evil-rc=2" in out and EVIL not in out, out
+        # The chain ends on Corral's bundle; curl with no CA variable trusts the proxy's upstream.
+        _, out = world.sh("cmp /etc/ssl/certs/ca-certificates.crt /.corral/net/ca.pem && echo SAME; "
+                          "echo x >> /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem || echo RO", sb)
+        assert "SAME" in out and "RO" in out, out
+        code, body = world.curl("https://allowed.test/linked", "--noproxy", "*", sb=sb)
+        assert code == 200 and '"path": "/linked"' in body, body
+        _, out = world.sh("env -u CURL_CA_BUNDLE -u SSL_CERT_FILE -u REQUESTS_CA_BUNDLE -u HTTPS_PROXY "
+                          "-u https_proxy curl -sS --max-time 8 https://allowed.test/novars", sb)
+        assert '"path": "/novars"' in out, out
+    finally:
+        sb.kill()
+
+
+def test_host_mode_with_a_systemd_resolved_link(world: World, tmp_path: Any) -> None:
+    """Host root mode on a host whose /etc/resolv.conf links into /run (systemd-resolved): the
+    sandbox's /run is its own tmpfs, so Corral's resolv.conf is bound at the link's target there.
+    The host's file is swapped for such a link (same content: the host keeps resolving) and put back."""
+    from corral import Sandbox
+
+    real = "/etc/resolv.conf"
+    stub_dir = f"/run/corral-test-{uuid.uuid4().hex[:8]}"
+    saved = f"{real}.corral-test-{uuid.uuid4().hex[:8]}"
+    with open(real, "rb") as f:
+        content = f.read()
+    swapped = not os.path.islink(real)  # a host that has the link already is tested as it is
+    if swapped:
+        os.makedirs(stub_dir)
+        with open(f"{stub_dir}/stub-resolv.conf", "wb") as f:
+            f.write(content)
+        os.link(real, saved)
+        os.symlink(f"{stub_dir}/stub-resolv.conf", f"{real}.new-{os.getpid()}")
+        os.replace(f"{real}.new-{os.getpid()}", real)  # atomic: readers see one file or the other
+    link = os.readlink(real)
+    sb = None
+    try:
+        sb = Sandbox.create("base", root="host", allow_weaker_isolation=True, network=NETWORK, client=world.client)
+        rc, out = world.sh("readlink /etc/resolv.conf; cat /etc/resolv.conf; getent hosts allowed.test; "
+                           "getent hosts evil.test; echo evil-rc=$?", sb)
+        assert out.startswith(f"{link}\nnameserver 10.203.0."), out
+        assert ALLOWED in out and "evil-rc=2" in out and EVIL not in out, out
+    finally:
+        if sb is not None:
+            sb.kill()
+        if swapped:
+            os.replace(saved, real)
+            shutil.rmtree(stub_dir, ignore_errors=True)
+    with open(real, "rb") as f:
+        assert f.read() == content and os.path.islink(real) != swapped

@@ -532,3 +532,90 @@ def test_networked_plan_binds_net_files_and_pins_proxy_variables() -> None:
     plain = pc.compile_oci("sb-0123456789ab", SandboxPolicy(), TEMPLATE_PATHS).config
     assert not any(m["destination"] in (pc.NET_DIR, "/etc/resolv.conf") for m in plain["mounts"])
     assert {"type": "network"} in plain["linux"]["namespaces"]
+
+
+def test_host_mode_binds_net_files_after_its_fresh_run_and_tmp() -> None:
+    import dataclasses
+
+    paths = dataclasses.replace(HOST_PATHS, net_dir="/s/net",
+                                net_files=(("/run/systemd/resolve/stub-resolv.conf", "/s/net/resolv.conf"),))
+    policy = SandboxPolicy.model_validate({"root": "host", "allow_weaker_isolation": True, "network": {"allow": []}})
+    dests = [m["destination"] for m in pc.compile_oci("sb-0123456789ab", policy, paths).config["mounts"]]
+    # crun mounts in order: a bind under /run made before the tmpfs on /run would be hidden by it.
+    assert dests.index("/run/systemd/resolve/stub-resolv.conf") > dests.index("/run")
+    assert dests[-1] == "/run/systemd/resolve/stub-resolv.conf"
+
+
+def _tree(root: Path, links: dict[str, str], files: tuple[str, ...] = (), dirs: tuple[str, ...] = ()) -> None:
+    for d in dirs:
+        (root / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (root / f.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / f.lstrip("/")).write_text("-----BEGIN CERTIFICATE-----\n")
+    for name, target in links.items():
+        (root / name.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / name.lstrip("/")).symlink_to(target)
+
+
+def test_resolve_in_root_follows_links_as_a_chrooted_process_would(tmp_path: Path) -> None:
+    from corral.runtimes.images import resolve_in_root
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("host file")
+    root = tmp_path / "root"
+    _tree(root, {"/etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf",
+                 "/etc/ssl/cert.pem": "certs/ca.crt", "/etc/abs": "/etc/ssl/certs/ca.crt",
+                 "/etc/up": "../../../../../../../outside/secret", "/etc/hostabs": str(outside / "secret"),
+                 "/etc/loop1": "loop2", "/etc/loop2": "loop1", "/sslink": "/etc/ssl", "/etc/self": "."},
+          files=("/etc/ssl/certs/ca.crt",), dirs=("/run",))
+    r = str(root)
+    assert resolve_in_root(r, "/etc/resolv.conf") == "/run/systemd/resolve/stub-resolv.conf"  # dangling: its target
+    assert resolve_in_root(r, "/etc/ssl/cert.pem") == "/etc/ssl/certs/ca.crt"
+    assert resolve_in_root(r, "/etc/abs") == "/etc/ssl/certs/ca.crt"  # absolute: from the root, not the host's /
+    assert resolve_in_root(r, "/sslink/certs/ca.crt") == "/etc/ssl/certs/ca.crt"  # a link in the middle
+    assert resolve_in_root(r, "/etc/self/self/ssl/../ssl/cert.pem") == "/etc/ssl/certs/ca.crt"
+    # '..' stops at the root and absolute targets stay in it: nothing of the host is reached.
+    assert resolve_in_root(r, "/etc/up") == "/outside/secret"
+    assert resolve_in_root(r, "/etc/hostabs") == str(outside / "secret")  # the same path, inside the root
+    assert not (root / "outside").exists()
+    assert resolve_in_root(r, "/../../etc/ssl/certs/ca.crt") == "/etc/ssl/certs/ca.crt"
+    assert resolve_in_root(r, "/etc/loop1") is None  # a loop
+    assert resolve_in_root(r, "/etc/ssl/certs/ca.crt/x") is None  # through a file
+    assert resolve_in_root(r, "/missing/../a/b") == "/a/b"
+    assert resolve_in_root(r, "/") == "/"
+
+
+def test_net_files_land_where_the_sandbox_resolves_them(tmp_path: Path) -> None:
+    from corral.runtimes.oci import _net_files
+
+    net = Path("/s/net")
+    # Fedora-style CA chain and systemd-resolved's stub link in an image (writable root).
+    img = tmp_path / "img"
+    _tree(img, {"/etc/resolv.conf": "/run/systemd/resolve/stub-resolv.conf",
+                "/etc/pki/tls/certs/ca-bundle.crt": "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+                "/etc/ssl/certs": "/etc/pki/tls/certs", "/etc/ssl/cert.pem": "/etc/pki/tls/cert.pem"},
+          files=("/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem", "/etc/pki/tls/cert.pem"))
+    assert _net_files(str(img), net, host_root=False) == (
+        ("/run/systemd/resolve/stub-resolv.conf", "/s/net/resolv.conf"),
+        ("/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem", "/s/net/ca.pem"),  # once, though 2 paths lead there
+        ("/etc/pki/tls/cert.pem", "/s/net/ca.pem"))
+    # Alpine-style: plain files, one relative link to the same bundle; no resolv.conf at all.
+    alp = tmp_path / "alpine"
+    _tree(alp, {"/etc/ssl/cert.pem": "certs/ca-certificates.crt"}, files=("/etc/ssl/certs/ca-certificates.crt",),
+          dirs=("/etc",))
+    assert _net_files(str(alp), net, host_root=False) == (
+        ("/etc/resolv.conf", "/s/net/resolv.conf"), ("/etc/ssl/certs/ca-certificates.crt", "/s/net/ca.pem"))
+    # Host mode: the root is read-only; a missing target is created only in the sandbox's own /run or /tmp.
+    host = tmp_path / "host"
+    _tree(host, {"/etc/resolv.conf": "/run/systemd/resolve/stub-resolv.conf"}, dirs=("/run",))
+    assert _net_files(str(host), net, host_root=True) == (("/run/systemd/resolve/stub-resolv.conf",
+                                                            "/s/net/resolv.conf"),)
+    host2 = tmp_path / "host2"
+    _tree(host2, {"/etc/resolv.conf": "/opt/resolv/resolv.conf"}, dirs=("/opt",))
+    assert _net_files(str(host2), net, host_root=True) == ()
+    # A CA store path that is a directory, or a link loop, is left alone.
+    odd = tmp_path / "odd"
+    _tree(odd, {"/etc/ssl/cert.pem": "cert.pem", "/etc/resolv.conf": "resolv.conf"},
+          dirs=("/etc/ssl/certs/ca-certificates.crt",))
+    assert _net_files(str(odd), net, host_root=False) == ()

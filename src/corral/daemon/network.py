@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -29,15 +30,15 @@ from corral import errors
 from corral.network.manager import PROXY_PORT_IN_SANDBOX, NetworkManager
 from corral.network.netns import NetnsError, veth_name
 from corral.network.secrets import SecretError, SecretInfo, SecretStore
-from corral.policy.compile import NET_DIR
+from corral.policy.compile import CA_STORES, NET_DIR
 from corral.policy.network import NetworkPlan, NetworkPolicy, SecretBinding, compile_network
 from corral.policy.spec import SandboxPolicy
+from corral.runtimes.images import resolve_in_root
 
 from .settings import DaemonSettings
 
 log = logging.getLogger("corral.network")
 AuditMany = Callable[[list[tuple[str | None, str, str | None, str, dict[str, Any], float | None]]], Any]
-SYSTEM_BUNDLES = ("etc/ssl/certs/ca-certificates.crt", "etc/pki/tls/certs/ca-bundle.crt", "etc/ssl/cert.pem")
 
 
 class Networks:
@@ -149,17 +150,16 @@ class Networks:
         net = sandbox_dir / "net"
         net.mkdir(mode=0o755, exist_ok=True)
         roots = b""
-        root = os.path.realpath(root_source)
-        for rel in SYSTEM_BUNDLES:
-            p = os.path.join(root, rel)
-            real = os.path.realpath(p)
-            # A link in an image is resolved inside that image only (an absolute link would otherwise
-            # read a host file into a bundle every sandbox can read).
-            if root != "/" and real != p:
+        root = os.path.realpath(root_source).rstrip("/")
+        for store in CA_STORES:
+            # Links are followed inside the root only (an image's absolute link would otherwise read
+            # a host file into a bundle every sandbox can read).
+            final = resolve_in_root(str(root_source), store)
+            if final is None:
                 continue
             with contextlib.suppress(OSError):
-                if os.path.isfile(real):
-                    data = Path(real).read_bytes()[: 8 << 20]
+                if stat.S_ISREG(os.lstat(root + final).st_mode):
+                    data = Path(root + final).read_bytes()[: 8 << 20]
                     if b"-----BEGIN CERTIFICATE-----" in data:
                         roots = data
                         break

@@ -12,6 +12,10 @@ from corral.policy.spec import SandboxPolicy
 AGENT_DIR = "/.corral"  # where the agent, its runtime and its socket live inside every sandbox
 WORKSPACE = "/workspace"
 NET_DIR = f"{AGENT_DIR}/net"  # networked sandboxes: ca.pem (system roots + Corral's CA) and resolv.conf
+# The system CA stores of the usual distributions (Debian/Ubuntu/Alpine, Fedora/RHEL, Alpine/macOS
+# style): a networked sandbox's roots are read from the first one its root has, and its ca.pem is
+# bound over each one there.
+CA_STORES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,6 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
         env["CORRAL_AGENT_LISTEN"] = f"{AGENT_DIR}/sock/agent.sock"
     if paths.net_dir:
         mounts.append(_bind(NET_DIR, paths.net_dir, "ro", "nosuid", "nodev", "noexec"))
-    for dest, source in paths.net_files:
-        mounts.append(_bind(dest, source, "ro", "nosuid", "nodev", "noexec"))
     for dest, source, read_only in paths.volumes:
         mounts.append(_bind(dest, source, "ro" if read_only else "rw", "nosuid", "nodev"))
     if policy.root == "host":
@@ -142,6 +144,9 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
                            "options": ["nosuid", "nodev", "noexec", "mode=755", "size=1m", "ro"]})
         if paths.workspace:
             mounts.append(_bind(WORKSPACE, paths.workspace, "rw", "nosuid", "nodev"))
+    # Last: a resolv.conf that host mode's /etc links into /run lands in that fresh tmpfs, not under it.
+    for dest, source in paths.net_files:
+        mounts.append(_bind(dest, source, "ro", "nosuid", "nodev", "noexec"))
     cgroup_path = f"corral/{sandbox_id}"
     resources: dict[str, Any] = {
         "memory": {"limit": res.memory_mib * 1024 * 1024, "swap": res.memory_mib * 1024 * 1024},

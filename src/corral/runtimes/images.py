@@ -339,3 +339,52 @@ def validate_template_name(name: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
         raise InvalidRequestError(f"invalid template name {name!r}")
     return name
+
+
+def resolve_in_root(root: str, path: str, max_links: int = 40) -> str | None:
+    """Where ``path`` leads inside the tree at ``root``, symlinks followed as a process chrooted
+    there would follow them (absolute targets start again at ``root``, ``..`` stops at it); None
+    for a link loop or a component that is not a directory. The final path need not exist (a
+    dangling link's target is returned: a bind mount can create it in a writable place).
+
+    Each component is looked at on its own (never through an unchecked link), so nothing outside
+    ``root`` is read, whatever the tree's links say.
+    """
+    base = os.path.realpath(root).rstrip("/")
+    todo = [p for p in reversed(path.split("/")) if p not in ("", ".")]
+    done: list[str] = []
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name == "..":
+            if done:
+                done.pop()
+            continue
+        here = base + "/" + "/".join([*done, name])
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            done.append(name)
+            while todo:  # nothing below a missing name exists to be a link: the rest is lexical
+                name = todo.pop()
+                if name == "..":
+                    if done:
+                        done.pop()
+                elif name not in ("", "."):
+                    done.append(name)
+            break
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > max_links:
+                return None
+            target = os.readlink(here)
+            if target.startswith("/"):
+                done = []
+            todo.extend(p for p in reversed(target.split("/")) if p not in ("", "."))
+            continue
+        if todo and not stat.S_ISDIR(st.st_mode):
+            return None
+        done.append(name)
+    return "/" + "/".join(done)

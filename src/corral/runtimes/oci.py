@@ -19,13 +19,15 @@ import os
 import resource
 import shutil
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import RuntimeUnavailableError
 from corral.policy import defaults
-from corral.policy.compile import SandboxPaths, compile_oci
+from corral.policy.compile import CA_STORES, SandboxPaths, compile_oci
 from corral.policy.spec import SandboxPolicy
+from corral.runtimes.images import resolve_in_root
 from corral.runtimes.probe import criu_binary
 from corral.storage import disk
 
@@ -108,25 +110,37 @@ class RunningInfo:
     pid: int | None
 
 
-# Files of the root that a networked sandbox sees replaced, when the image has them as plain files:
-# the resolver (Corral's DNS on the gateway) and the system CA store (its roots + Corral's CA).
-NET_FILES = (("/etc/resolv.conf", "resolv.conf"), ("/etc/ssl/certs/ca-certificates.crt", "ca.pem"),
-             ("/etc/pki/tls/certs/ca-bundle.crt", "ca.pem"), ("/etc/ssl/cert.pem", "ca.pem"))
+# Files of the root that a networked sandbox sees replaced: the resolver (Corral's DNS on the
+# gateway) and the system CA store (its roots + Corral's CA).
+NET_FILES = (("/etc/resolv.conf", "resolv.conf"), *((store, "ca.pem") for store in CA_STORES))
 
 
-def _net_files(rootfs: str, net_dir: Path, writable_root: bool) -> tuple[tuple[str, str], ...]:
+def _net_files(rootfs: str, net_dir: Path, host_root: bool) -> tuple[tuple[str, str], ...]:
+    """Where the sandbox's resolv.conf and CA bundle are bound: at the file each well-known path
+    leads to inside the root (links followed within the root, as the sandbox's libc would)."""
     out = []
-    root = os.path.realpath(rootfs)
+    seen = set()
+    root = os.path.realpath(rootfs).rstrip("/")
     for dest, name in NET_FILES:
-        target = root + dest
-        # Only a regular file reached without symlinks: a link could point anywhere in the root.
-        if os.path.realpath(target) == target and os.path.isfile(target):
-            out.append((dest, str(net_dir / name)))
-        elif dest == "/etc/resolv.conf" and writable_root and not os.path.lexists(target) and \
-                os.path.realpath(os.path.dirname(target)) == os.path.dirname(target):
-            # An image without one (busybox): the runtime creates the mountpoint in the sandbox's own
-            # layer; without it libc would ask 127.0.0.1, which has no resolver in the sandbox.
-            out.append((dest, str(net_dir / name)))
+        final = resolve_in_root(rootfs, dest)
+        if final is None or final in seen:
+            continue
+        try:
+            regular = stat.S_ISREG(os.lstat(root + final).st_mode)
+            missing = False
+        except FileNotFoundError:
+            regular, missing = False, True
+        except OSError:
+            continue
+        # A missing resolv.conf is created as the mountpoint: in the sandbox's own layer (busybox has
+        # none), or in the fresh /run or /tmp of host mode (systemd-resolved's stub link points there);
+        # without it libc would ask 127.0.0.1, which has no resolver in the sandbox. A missing CA
+        # store is not invented: that image trusts nothing by that path.
+        creatable = missing and dest == "/etc/resolv.conf" and \
+            (not host_root or final.startswith(("/run/", "/tmp/")))
+        if regular or creatable:
+            seen.add(final)
+            out.append((final, str(net_dir / name)))
     return tuple(out)
 
 
@@ -276,7 +290,7 @@ class OciRuntime:
             volumes=tuple((dest, str(self.mount_volume(v.name)), v.read_only) for dest, v in policy.volumes.items()),
             agent_sock_dir=str(d / "sock") if policy.hibernatable else None,
             net_dir=str(net_dir) if net_dir else None,
-            net_files=_net_files(rootfs, net_dir, policy.root != "host") if net_dir else (),
+            net_files=_net_files(rootfs, net_dir, host_root=policy.root == "host") if net_dir else (),
             net_env=tuple(sorted((net_env or {}).items())),
         )
         nofile = min(defaults.NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
