@@ -747,8 +747,8 @@ def test_resolver_and_ca_store_reached_through_links_in_the_image(world: World) 
         plain.kill()
     sb = Sandbox.create(from_snapshot=snap, network=NETWORK, client=world.client)
     try:
-        rc, out = world.sh("readlink /etc/resolv.conf; cat /etc/resolv.conf; getent hosts allowed.test; "
-                           "getent hosts evil.test; echo evil-rc=$?", sb)
+        _, out = world.sh("readlink /etc/resolv.conf; cat /etc/resolv.conf; getent hosts allowed.test; "
+                          "getent hosts evil.test; echo evil-rc=$?", sb)
         assert out.startswith("../run/systemd/resolve/stub-resolv.conf\nnameserver 10.203.0."), out
         assert ALLOWED in out and "evil-rc=2" in out and EVIL not in out, out
         # The chain ends on Corral's bundle; curl with no CA variable trusts the proxy's upstream.
@@ -764,7 +764,7 @@ def test_resolver_and_ca_store_reached_through_links_in_the_image(world: World) 
         sb.kill()
 
 
-def test_host_mode_with_a_systemd_resolved_link(world: World, tmp_path: Any) -> None:
+def test_host_mode_with_a_systemd_resolved_link(world: World) -> None:
     """Host root mode on a host whose /etc/resolv.conf links into /run (systemd-resolved): the
     sandbox's /run is its own tmpfs, so Corral's resolv.conf is bound at the link's target there.
     The host's file is swapped for such a link (same content: the host keeps resolving) and put back."""
@@ -775,7 +775,12 @@ def test_host_mode_with_a_systemd_resolved_link(world: World, tmp_path: Any) -> 
     saved = f"{real}.corral-test-{uuid.uuid4().hex[:8]}"
     with open(real, "rb") as f:
         content = f.read()
-    swapped = not os.path.islink(real)  # a host that has the link already is tested as it is
+    with open("/proc/self/mountinfo") as f:
+        mounted = any(line.split()[4] == real for line in f)
+    # A host that has the link already is tested as it is; so is one whose resolv.conf is a mount
+    # (a container runtime's bind: it cannot be swapped, and its plain file is what gets bound).
+    was_link = os.path.islink(real)
+    swapped = not was_link and not mounted
     if swapped:
         os.makedirs(stub_dir)
         with open(f"{stub_dir}/stub-resolv.conf", "wb") as f:
@@ -783,13 +788,13 @@ def test_host_mode_with_a_systemd_resolved_link(world: World, tmp_path: Any) -> 
         os.link(real, saved)
         os.symlink(f"{stub_dir}/stub-resolv.conf", f"{real}.new-{os.getpid()}")
         os.replace(f"{real}.new-{os.getpid()}", real)  # atomic: readers see one file or the other
-    link = os.readlink(real)
+    link = os.readlink(real) if os.path.islink(real) else None
     sb = None
     try:
         sb = Sandbox.create("base", root="host", allow_weaker_isolation=True, network=NETWORK, client=world.client)
-        rc, out = world.sh("readlink /etc/resolv.conf; cat /etc/resolv.conf; getent hosts allowed.test; "
-                           "getent hosts evil.test; echo evil-rc=$?", sb)
-        assert out.startswith(f"{link}\nnameserver 10.203.0."), out
+        _, out = world.sh("readlink /etc/resolv.conf; cat /etc/resolv.conf; getent hosts allowed.test; "
+                          "getent hosts evil.test; echo evil-rc=$?", sb)
+        assert out.startswith(f"{link}\nnameserver 10.203.0." if link else "nameserver 10.203.0."), out
         assert ALLOWED in out and "evil-rc=2" in out and EVIL not in out, out
     finally:
         if sb is not None:
@@ -798,4 +803,4 @@ def test_host_mode_with_a_systemd_resolved_link(world: World, tmp_path: Any) -> 
             os.replace(saved, real)
             shutil.rmtree(stub_dir, ignore_errors=True)
     with open(real, "rb") as f:
-        assert f.read() == content and os.path.islink(real) != swapped
+        assert f.read() == content and os.path.islink(real) == was_link
