@@ -105,9 +105,15 @@ def test_interactive_shell_with_resize_and_ctrl_c(env):
 
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     os.kill(pid, 28)  # SIGWINCH, as a terminal emulator sends it
-    time.sleep(0.5)
-    os.write(fd, b"stty size\r")
-    read_until(b"40 120")
+    # The resize travels CLI -> daemon -> agent on its own schedule: ask until the shell sees it.
+    deadline = time.monotonic() + 20
+    while True:
+        os.write(fd, b"stty size\r")
+        try:
+            read_until(b"40 120", timeout=1)
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline, out[-2000:]
     os.write(fd, b"exit 3\r")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 3

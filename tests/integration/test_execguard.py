@@ -80,20 +80,18 @@ def test_policy_errors_are_clear(daemon, base):
 def test_audit_queries_stream_and_cli(sdk_sandbox, daemon):
     sb = sdk_sandbox(exec_policy={"mode": "enforce", "deny": ["curl"]})
     got: list[object] = []
-    ready = threading.Event()
+    # The stream continues after the last record there is now (a stream "from now" would start
+    # wherever the server happens to be when the lazy generator connects).
+    after = max((r.seq for r in sb.audit.list(kind="exec.decision", limit=10000)), default=0)
 
     def follow() -> None:
-        gen = sb.audit.stream(kind="exec.decision")
-        ready.set()
-        for rec in gen:
+        for rec in sb.audit.stream(kind="exec.decision", after=after):
             got.append(rec)
             if rec.result == "deny":
                 break
 
     t = threading.Thread(target=follow, daemon=True)
     t.start()
-    ready.wait(5)
-    time.sleep(0.5)  # the stream starts "from now"
     t0 = time.time()
     assert sb.commands.run("curl --version").exit_code == 126
     t.join(15)
@@ -117,17 +115,26 @@ def test_audit_queries_stream_and_cli(sdk_sandbox, daemon):
     assert "deny:curl" in out.stdout and "/usr/bin/curl" in out.stdout
     follow_cli = subprocess.Popen([*CORRAL, "audit", "-f", sb.id, "--kind", "exec.decision"], env=env,
                                   stdout=subprocess.PIPE, text=True)
+    lines_seen: list[str] = []
+
+    def read_cli() -> None:
+        for ln in follow_cli.stdout:  # type: ignore[union-attr]
+            lines_seen.append(ln)
+
+    reader = threading.Thread(target=read_cli, daemon=True)
+    reader.start()
     try:
-        time.sleep(1.5)
-        sb.commands.run("curl --version")
-        deadline = time.monotonic() + 10
-        line = ""
-        while "deny" not in line and time.monotonic() < deadline:
-            line = follow_cli.stdout.readline()  # type: ignore[union-attr]
-        assert "deny:curl" in line, line
+        # `audit -f` starts from now, once connected: deny curl until the CLI's stream shows a denial.
+        deadline = time.monotonic() + 30
+        while not any("deny:curl" in ln for ln in lines_seen):
+            assert time.monotonic() < deadline, f"corral audit -f showed no denial: {lines_seen}"
+            sb.commands.run("curl --version")
+            time.sleep(0.5)
     finally:
         follow_cli.kill()
-        follow_cli.communicate()
+        follow_cli.wait()
+        reader.join(5)
+        follow_cli.stdout.close()  # type: ignore[union-attr]
 
 
 def test_an_edited_exec_record_fails_verify():
@@ -182,8 +189,17 @@ def test_the_guard_outlives_a_daemon_restart():
                 assert recs[-1]["result"] == "adopted", recs
         with d.http() as h:
             h.delete(f"/sandboxes/{sid}")
-        time.sleep(0.2)
-        assert not Path(f"/proc/{holder}").exists() or b"sleep" not in Path(f"/proc/{holder}/cmdline").read_bytes()
+
+        def holder_alive() -> bool:
+            try:
+                return b"sleep" in Path(f"/proc/{holder}/cmdline").read_bytes()
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 10  # killed with the sandbox; it may take a moment to exit
+        while holder_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not holder_alive(), "the guard's holder outlived its sandbox"
 
 
 def test_hibernate_restore_rearms_the_guard(sdk_sandbox):

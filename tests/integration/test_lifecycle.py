@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -95,6 +96,7 @@ def _api(d: Daemon) -> httpx.Client:
 def test_daemon_restart_readopts_running_sandboxes_and_cleans_up_dead_ones(busybox, how):
     tmp = traversable_tmp()
     d = _daemon(tmp)
+    orphan_cgroups = [Path("/sys/fs/cgroup") / c / "corral" / f"sb-0c{os.getpid():010x}"[:15] for c in ("pids", "memory")]
     try:
         with _api(d) as h:
             live = h.post("/sandboxes", json={"template": "busybox"}).json()["id"]
@@ -106,6 +108,9 @@ def test_daemon_restart_readopts_running_sandboxes_and_cleans_up_dead_ones(busyb
         subprocess.run(["crun", "--root", str(d.run_dir / "crun"), "kill", "--all", dead, "KILL"], check=True)
         orphan = d.data_dir / "sandboxes" / "sb-0123456789ab"
         (orphan / "upper").mkdir(parents=True)
+        # ... and cgroups of a sandbox nobody knows (a crash between creating them and the record).
+        for cg in orphan_cgroups:
+            cg.mkdir()
         d.start()
         with _api(d) as h:
             info = {s["id"]: s for s in h.get("/sandboxes").json()["sandboxes"]}
@@ -116,6 +121,7 @@ def test_daemon_restart_readopts_running_sandboxes_and_cleans_up_dead_ones(busyb
             procs = h.get(f"/sandboxes/{live}/processes").json()["processes"]
             assert any(p["pid"] == bg and p["running"] for p in procs)  # the agent kept its processes
             assert not orphan.exists()
+            assert [cg for cg in orphan_cgroups if cg.exists()] == []
             # The dead sandbox starts again with its files.
             assert h.post(f"/sandboxes/{dead}/start").json()["status"] == "running"
             audit = h.get("/audit").json()["records"]
@@ -124,6 +130,9 @@ def test_daemon_restart_readopts_running_sandboxes_and_cleans_up_dead_ones(busyb
     finally:
         d.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
+        for cg in orphan_cgroups:
+            if cg.exists():
+                cg.rmdir()
 
 
 def test_crashed_sandbox_is_marked_exited(daemon, busybox):

@@ -82,7 +82,11 @@ def test_snapshot_during_concurrent_writes_is_consistent(daemon, busybox):
     with Sandbox.create(template=busybox) as sb:
         writer = sb.commands.run("i=0; while true; do i=$((i+1)); echo $i >> /root/log; "
                                  "echo $i > /root/last.tmp; mv /root/last.tmp /root/last; done", background=True)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 15
+        while not sb.files.exists("/root/last"):  # writing is under way when the snapshot is taken
+            assert time.monotonic() < deadline, "the writer wrote nothing"
+            time.sleep(0.05)
+        time.sleep(0.2)
         snap = sb.snapshot()
         writer.kill()
         with Sandbox.create(from_snapshot=snap) as fork:

@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -213,13 +214,21 @@ class Namespace:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(["unshare", "-n", "sleep", "3600"])
         # unshare execs sleep in place: the pid is the namespace's holder. Wait until it is in.
+        # (Never go on before: nsenter on this pid would then configure the host's own namespace.)
         mine = os.readlink("/proc/self/ns/net")
-        for _ in range(200):
+        deadline = time.monotonic() + 10
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"unshare -n exited with {self.proc.returncode}")
             try:
                 if os.readlink(f"/proc/{self.proc.pid}/ns/net") != mine:
                     break
             except OSError:
                 pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError("unshare -n did not enter a new network namespace within 10 s")
             threading.Event().wait(0.01)
         self.pid = self.proc.pid
 

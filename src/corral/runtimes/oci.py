@@ -15,11 +15,13 @@ import asyncio
 import ctypes
 import errno
 import json
+import logging
 import os
 import resource
 import shutil
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,8 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 CLONE_NEWNS = 0x00020000
+log = logging.getLogger("corral.runtime")
+CGROUP_DRAIN_S = 5.0  # how long stop waits for killed tasks to leave the sandbox's cgroups
 CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer", "blkio", "cpuset", "devices",
                       "net_cls", "net_prio", "systemd", "unified")
 
@@ -451,7 +455,15 @@ class OciRuntime:
             await asyncio.sleep(0.05)
             await self._run("delete", "--force", sid, sandbox_id=sid)
         shutil.rmtree(self.checkpoint_dir(sid), ignore_errors=True)
+        # SIGKILLed tasks take a moment to exit (a fork bomb's 64 take several): a cgroup cannot be
+        # removed while it holds one, and stop must not return with the sandbox's cgroups left behind.
+        deadline = time.monotonic() + CGROUP_DRAIN_S
+        while self.cgroup_has_tasks(sandbox_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         self.remove_cgroups(sandbox_id)
+        if self.cgroup_dirs(sandbox_id):
+            log.warning("sandbox %s: cgroups still hold tasks after stop; the next daemon start removes them",
+                        sandbox_id)
         rootfs = str(self.dir(sandbox_id) / "rootfs")
         if is_mountpoint(rootfs):
             _umount(rootfs)
@@ -507,6 +519,8 @@ class OciRuntime:
 
     def cgroup_has_tasks(self, sandbox_id: str) -> bool:
         for p in self.cgroup_dirs(sandbox_id):
+            if p.parts[-3] == "unified":  # a plain file crun wrote in the tmpfs stand-in: no tasks there
+                continue
             try:
                 if (p / "cgroup.procs").read_text().strip():
                     return True
