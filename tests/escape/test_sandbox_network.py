@@ -808,3 +808,56 @@ def test_host_mode_with_a_systemd_resolved_link(world: World) -> None:
             shutil.rmtree(stub_dir, ignore_errors=True)
     with open(real, "rb") as f:
         assert f.read() == content and os.path.islink(real) == was_link
+
+
+def test_image_links_cannot_pull_host_files_into_the_sandbox(world: World, tmp_path: Any) -> None:
+    """A hostile image (E-row "image as attacker"): its CA-store and resolver paths are links aimed
+    at the host — an absolute link to a host directory behind a `..` after a missing name (a lexical
+    resolver folds that into a real path and the host kernel follows the link), an absolute link
+    (absolute means the image's own root), a relative climb past the root — and at Corral's own
+    mounts. The daemon reads the image's CA roots and places the sandbox's files by those links: no
+    byte of the host file may reach the sandbox, and the sandbox still boots and answers."""
+    require("template-busybox")
+    from corral import Sandbox
+    from tests.conftest import TEMPLATE_CACHE, _ensure_template
+
+    _ensure_template(world.d, "busybox")
+    marker = "corral-host-secret-" + uuid.uuid4().hex
+    host_dir = tmp_path / "hostdir"
+    host_dir.mkdir()
+    (host_dir / "secret.pem").write_text(f"-----BEGIN CERTIFICATE-----\n{marker}\n-----END CERTIFICATE-----\n")
+    name = "zz-evil-" + uuid.uuid4().hex[:8]
+    tdir = TEMPLATE_CACHE / name
+    try:
+        tdir.mkdir()
+        subprocess.run(["cp", "-a", str(TEMPLATE_CACHE / "busybox" / "rootfs"), str(tdir / "rootfs")], check=True)
+        root = tdir / "rootfs"
+        (root / "h").symlink_to(host_dir)
+        for p in ("etc/ssl/certs", "etc/pki/tls/certs"):
+            (root / p).mkdir(parents=True, exist_ok=True)
+        (root / "etc/ssl/certs/ca-certificates.crt").symlink_to("/nx/../h/secret.pem")
+        (root / "etc/ssl/cert.pem").symlink_to(f"{host_dir}/secret.pem")
+        (root / "etc/pki/tls/certs/ca-bundle.crt").symlink_to("../../../../../../../../.." + f"{host_dir}/secret.pem")
+        with contextlib.suppress(FileNotFoundError):
+            (root / "etc/resolv.conf").unlink()
+        (root / "etc/resolv.conf").symlink_to("/.corral/agent/agent.py")
+        meta = json.loads((TEMPLATE_CACHE / "busybox" / "meta.json").read_text())
+        (tdir / "meta.json").write_text(json.dumps({**meta, "name": name, "rootfs": str(root)}))
+        sb = Sandbox.create(name, network=NETWORK, client=world.client)
+        try:
+            r = sb.commands.run(["sh", "-c", "cat /.corral/net/ca.pem /etc/ssl/certs/ca-certificates.crt "
+                                 "/etc/ssl/cert.pem /etc/pki/tls/certs/ca-bundle.crt 2>&1; grep -c def "
+                                 "/.corral/agent/agent.py; grep -rl corral-host-secret /etc /.corral/net /h /nx /tmp /root 2>/dev/null; echo END"])
+            out = r.stdout + r.stderr
+            world.outputs.append(out)
+            assert marker not in out and "END" in out, out
+            assert "BEGIN CERTIFICATE" in out  # Corral's CA is there: the bundle was written
+            assert int(out.split("\n")[-3]) > 10, out  # the agent's own file is the agent, not a resolv.conf
+            assert sb.commands.run("echo alive").stdout == "alive\n"
+        finally:
+            sb.kill()
+        net_dir = world.d.data_dir / "sandboxes" / sb.id / "net"
+        assert not net_dir.exists() or marker.encode() not in (net_dir / "ca.pem").read_bytes()
+    finally:
+        shutil.rmtree(tdir, ignore_errors=True)
+    assert marker in (host_dir / "secret.pem").read_text()  # (the host file was there to be stolen)

@@ -534,16 +534,17 @@ def test_networked_plan_binds_net_files_and_pins_proxy_variables() -> None:
     assert {"type": "network"} in plain["linux"]["namespaces"]
 
 
-def test_host_mode_binds_net_files_after_its_fresh_run_and_tmp() -> None:
+def test_host_mode_binds_net_files_after_its_fresh_run_and_tmp_and_before_volumes() -> None:
     import dataclasses
 
-    paths = dataclasses.replace(HOST_PATHS, net_dir="/s/net",
+    paths = dataclasses.replace(HOST_PATHS, net_dir="/s/net", volumes=(("/run/data", "/v/data", False),),
                                 net_files=(("/run/systemd/resolve/stub-resolv.conf", "/s/net/resolv.conf"),))
     policy = SandboxPolicy.model_validate({"root": "host", "allow_weaker_isolation": True, "network": {"allow": []}})
     dests = [m["destination"] for m in pc.compile_oci("sb-0123456789ab", policy, paths).config["mounts"]]
-    # crun mounts in order: a bind under /run made before the tmpfs on /run would be hidden by it.
-    assert dests.index("/run/systemd/resolve/stub-resolv.conf") > dests.index("/run")
-    assert dests[-1] == "/run/systemd/resolve/stub-resolv.conf"
+    # crun mounts in order: a bind under /run made before the tmpfs on /run would be hidden by it
+    # (volumes too); volumes, masked dirs and the workspace come after the network files.
+    net = dests.index("/run/systemd/resolve/stub-resolv.conf")
+    assert dests.index("/run") < net < dests.index("/run/data") < dests.index("/var/lib/corral") < dests.index("/workspace")
 
 
 def _tree(root: Path, links: dict[str, str], files: tuple[str, ...] = (), dirs: tuple[str, ...] = ()) -> None:
@@ -558,32 +559,61 @@ def _tree(root: Path, links: dict[str, str], files: tuple[str, ...] = (), dirs: 
 
 
 def test_resolve_in_root_follows_links_as_a_chrooted_process_would(tmp_path: Path) -> None:
-    from corral.runtimes.images import resolve_in_root
+    from corral.runtimes.images import RootPath, read_in_root, resolve_in_root
 
     outside = tmp_path / "outside"
     outside.mkdir()
-    (outside / "secret").write_text("host file")
+    (outside / "secret.pem").write_text("-----BEGIN CERTIFICATE-----\nhost file\n")
     root = tmp_path / "root"
     _tree(root, {"/etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf",
                  "/etc/ssl/cert.pem": "certs/ca.crt", "/etc/abs": "/etc/ssl/certs/ca.crt",
-                 "/etc/up": "../../../../../../../outside/secret", "/etc/hostabs": str(outside / "secret"),
-                 "/etc/loop1": "loop2", "/etc/loop2": "loop1", "/sslink": "/etc/ssl", "/etc/self": "."},
+                 "/etc/up": "../../../../../../../outside/secret.pem", "/etc/hostabs": str(outside / "secret.pem"),
+                 "/etc/loop1": "loop2", "/etc/loop2": "loop1", "/sslink": "/etc/ssl", "/etc/self": ".",
+                 "/hostdir": str(outside), "/etc/via-missing": "/nx/../hostdir/secret.pem",
+                 "/etc/bad-name": "caf\u00e9.pem"},
           files=("/etc/ssl/certs/ca.crt",), dirs=("/run",))
     r = str(root)
-    assert resolve_in_root(r, "/etc/resolv.conf") == "/run/systemd/resolve/stub-resolv.conf"  # dangling: its target
-    assert resolve_in_root(r, "/etc/ssl/cert.pem") == "/etc/ssl/certs/ca.crt"
-    assert resolve_in_root(r, "/etc/abs") == "/etc/ssl/certs/ca.crt"  # absolute: from the root, not the host's /
-    assert resolve_in_root(r, "/sslink/certs/ca.crt") == "/etc/ssl/certs/ca.crt"  # a link in the middle
-    assert resolve_in_root(r, "/etc/self/self/ssl/../ssl/cert.pem") == "/etc/ssl/certs/ca.crt"
+    assert resolve_in_root(r, "/etc/resolv.conf") == RootPath("/run/systemd/resolve/stub-resolv.conf", "missing")
+    assert resolve_in_root(r, "/etc/ssl/cert.pem") == RootPath("/etc/ssl/certs/ca.crt", "file")
+    assert resolve_in_root(r, "/etc/abs") == RootPath("/etc/ssl/certs/ca.crt", "file")  # absolute: from the root
+    assert resolve_in_root(r, "/sslink/certs/ca.crt") == RootPath("/etc/ssl/certs/ca.crt", "file")  # a link mid-path
+    assert resolve_in_root(r, "/etc/self/self/ssl/../ssl/cert.pem") == RootPath("/etc/ssl/certs/ca.crt", "file")
+    assert resolve_in_root(r, "/etc/ssl") == RootPath("/etc/ssl", "dir")
     # '..' stops at the root and absolute targets stay in it: nothing of the host is reached.
-    assert resolve_in_root(r, "/etc/up") == "/outside/secret"
-    assert resolve_in_root(r, "/etc/hostabs") == str(outside / "secret")  # the same path, inside the root
-    assert not (root / "outside").exists()
-    assert resolve_in_root(r, "/../../etc/ssl/certs/ca.crt") == "/etc/ssl/certs/ca.crt"
+    assert resolve_in_root(r, "/etc/up") == RootPath("/outside/secret.pem", "missing")
+    assert resolve_in_root(r, "/etc/hostabs") == RootPath(str(outside / "secret.pem"), "missing")
+    assert resolve_in_root(r, "/hostdir/secret.pem") == RootPath(str(outside / "secret.pem"), "missing")
+    assert resolve_in_root(r, "/../../etc/ssl/certs/ca.crt") == RootPath("/etc/ssl/certs/ca.crt", "file")
+    # '..' after a missing name: ENOENT for a chrooted process, and no lexical shortcut back into the
+    # tree (it would land on /hostdir, an absolute link to the host, and be followed there).
+    assert resolve_in_root(r, "/etc/via-missing") is None
+    assert resolve_in_root(r, "/missing/../etc/ssl") is None
     assert resolve_in_root(r, "/etc/loop1") is None  # a loop
     assert resolve_in_root(r, "/etc/ssl/certs/ca.crt/x") is None  # through a file
-    assert resolve_in_root(r, "/missing/../a/b") == "/a/b"
-    assert resolve_in_root(r, "/") == "/"
+    assert resolve_in_root(r, "/etc/bad-name") is None  # not printable ASCII: not a mount destination
+    assert resolve_in_root(r, "/") == RootPath("/", "dir")
+    # Reading goes through the same walk: the host file behind every one of those links stays unread.
+    assert read_in_root(r, "/etc/ssl/cert.pem", 100) == b"-----BEGIN CERTIFICATE-----\n"
+    for p in ("/etc/up", "/etc/hostabs", "/hostdir/secret.pem", "/etc/via-missing", "/etc/ssl", "/etc/resolv.conf"):
+        assert read_in_root(r, p, 100) is None, p
+    assert read_in_root(r, "/etc/ssl/cert.pem", 5) == b"-----"
+
+
+def test_resolve_in_root_bounds_the_walk(tmp_path: Path) -> None:
+    from corral.runtimes.images import resolve_in_root
+
+    # Links whose targets are long runs of 'a/..' (each step costs the same however deep the walk
+    # is, and the number of steps is capped), and a chain of 41 links.
+    (tmp_path / "a").mkdir()
+    for i in range(5):  # 5 links of 1600 names each (a link's target is at most 4095 bytes)
+        (tmp_path / f"long{i}").symlink_to("/".join(["a", ".."] * 800) + (f"/long{i + 1}" if i < 4 else "/a"))
+    assert resolve_in_root(str(tmp_path), "/long0") is None
+    assert resolve_in_root(str(tmp_path), "/long0", max_steps=10_000) is not None
+    for i in range(41):
+        (tmp_path / f"l{i}").symlink_to(f"l{i + 1}")
+    (tmp_path / "l41").write_text("")
+    assert resolve_in_root(str(tmp_path), "/l1") is not None  # 40 links
+    assert resolve_in_root(str(tmp_path), "/l0") is None  # 41
 
 
 def test_net_files_land_where_the_sandbox_resolves_them(tmp_path: Path) -> None:
@@ -600,6 +630,9 @@ def test_net_files_land_where_the_sandbox_resolves_them(tmp_path: Path) -> None:
         ("/run/systemd/resolve/stub-resolv.conf", "/s/net/resolv.conf"),
         ("/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem", "/s/net/ca.pem"),  # once, though 2 paths lead there
         ("/etc/pki/tls/cert.pem", "/s/net/ca.pem"))
+    # A volume at /etc/pki: this view of the root does not show what the sandbox will see there.
+    assert _net_files(str(img), net, host_root=False, avoid=("/etc/pki",)) == (
+        ("/run/systemd/resolve/stub-resolv.conf", "/s/net/resolv.conf"),)
     # Alpine-style: plain files, one relative link to the same bundle; no resolv.conf at all.
     alp = tmp_path / "alpine"
     _tree(alp, {"/etc/ssl/cert.pem": "certs/ca-certificates.crt"}, files=("/etc/ssl/certs/ca-certificates.crt",),
@@ -614,8 +647,12 @@ def test_net_files_land_where_the_sandbox_resolves_them(tmp_path: Path) -> None:
     host2 = tmp_path / "host2"
     _tree(host2, {"/etc/resolv.conf": "/opt/resolv/resolv.conf"}, dirs=("/opt",))
     assert _net_files(str(host2), net, host_root=True) == ()
-    # A CA store path that is a directory, or a link loop, is left alone.
+    # Links that aim Corral's files at kernel file systems, devices, Corral's own mounts or odd places
+    # of an image are not followed there; a CA store path that is a directory, or a loop, is left alone.
     odd = tmp_path / "odd"
-    _tree(odd, {"/etc/ssl/cert.pem": "cert.pem", "/etc/resolv.conf": "resolv.conf"},
-          dirs=("/etc/ssl/certs/ca-certificates.crt",))
+    _tree(odd, {"/etc/ssl/cert.pem": "/proc/self/environ", "/etc/resolv.conf": "/.corral/agent/agent.py",
+                "/etc/pki/tls/certs/ca-bundle.crt": "/dev/null"}, dirs=("/etc/ssl/certs/ca-certificates.crt",))
     assert _net_files(str(odd), net, host_root=False) == ()
+    odd2 = tmp_path / "odd2"
+    _tree(odd2, {"/etc/resolv.conf": "/usr/lib/x/resolv.conf", "/etc/ssl/cert.pem": "cert.pem"}, dirs=("/usr",))
+    assert _net_files(str(odd2), net, host_root=False) == ()

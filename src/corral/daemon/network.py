@@ -16,10 +16,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import ssl
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -33,12 +31,22 @@ from corral.network.secrets import SecretError, SecretInfo, SecretStore
 from corral.policy.compile import CA_STORES, NET_DIR
 from corral.policy.network import NetworkPlan, NetworkPolicy, SecretBinding, compile_network
 from corral.policy.spec import SandboxPolicy
-from corral.runtimes.images import resolve_in_root
+from corral.runtimes.images import read_in_root
 
 from .settings import DaemonSettings
 
 log = logging.getLogger("corral.network")
 AuditMany = Callable[[list[tuple[str | None, str, str | None, str, dict[str, Any], float | None]]], Any]
+
+
+def _image_roots(root: str) -> bytes:
+    """The first system CA store the root has (links followed inside that root only: an image's
+    link cannot make the daemon read a host file into a bundle every sandbox can read)."""
+    for store in CA_STORES:
+        data = read_in_root(root, store, 8 << 20)
+        if data is not None and b"-----BEGIN CERTIFICATE-----" in data:
+            return data
+    return b""
 
 
 class Networks:
@@ -149,20 +157,7 @@ class Networks:
         (run / "net.json").write_text(json.dumps({"ip": ip, "gateway": gateway}))
         net = sandbox_dir / "net"
         net.mkdir(mode=0o755, exist_ok=True)
-        roots = b""
-        root = os.path.realpath(root_source).rstrip("/")
-        for store in CA_STORES:
-            # Links are followed inside the root only (an image's absolute link would otherwise read
-            # a host file into a bundle every sandbox can read).
-            final = resolve_in_root(str(root_source), store)
-            if final is None:
-                continue
-            with contextlib.suppress(OSError):
-                if stat.S_ISREG(os.lstat(root + final).st_mode):
-                    data = Path(root + final).read_bytes()[: 8 << 20]
-                    if b"-----BEGIN CERTIFICATE-----" in data:
-                        roots = data
-                        break
+        roots = await asyncio.to_thread(_image_roots, str(root_source))
         extra = self.settings.upstream_ca.read_bytes() if self.settings.upstream_ca else b""
         bundle = roots.rstrip(b"\n") + b"\n" + mgr.ca.ca_pem + (b"\n" + extra if extra else b"")
         (net / "ca.pem").write_bytes(bundle.lstrip(b"\n"))

@@ -132,21 +132,24 @@ def compile_oci(sandbox_id: str, policy: SandboxPolicy, paths: SandboxPaths,
         env["CORRAL_AGENT_LISTEN"] = f"{AGENT_DIR}/sock/agent.sock"
     if paths.net_dir:
         mounts.append(_bind(NET_DIR, paths.net_dir, "ro", "nosuid", "nodev", "noexec"))
-    for dest, source, read_only in paths.volumes:
-        mounts.append(_bind(dest, source, "ro" if read_only else "rw", "nosuid", "nodev"))
     if policy.root == "host":
         mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                        "options": ["nosuid", "nodev", "mode=1777", f"size={tmp_mib}m"]})
         mounts.append({"destination": "/run", "type": "tmpfs", "source": "tmpfs",
                        "options": ["nosuid", "nodev", "mode=755", f"size={run_mib}m"]})
+    # After host mode's fresh /run and /tmp (a resolv.conf that the host's /etc links into /run lands
+    # in that tmpfs, not under it); before volumes, masked dirs and the workspace, which the runtime
+    # never binds into (their places are excluded when the files are placed).
+    for dest, source in paths.net_files:
+        mounts.append(_bind(dest, source, "ro", "nosuid", "nodev", "noexec"))
+    for dest, source, read_only in paths.volumes:
+        mounts.append(_bind(dest, source, "ro" if read_only else "rw", "nosuid", "nodev"))
+    if policy.root == "host":
         for d in paths.masked_dirs:
             mounts.append({"destination": d, "type": "tmpfs", "source": "tmpfs",
                            "options": ["nosuid", "nodev", "noexec", "mode=755", "size=1m", "ro"]})
         if paths.workspace:
             mounts.append(_bind(WORKSPACE, paths.workspace, "rw", "nosuid", "nodev"))
-    # Last: a resolv.conf that host mode's /etc links into /run lands in that fresh tmpfs, not under it.
-    for dest, source in paths.net_files:
-        mounts.append(_bind(dest, source, "ro", "nosuid", "nodev", "noexec"))
     cgroup_path = f"corral/{sandbox_id}"
     resources: dict[str, Any] = {
         "memory": {"limit": res.memory_mib * 1024 * 1024, "swap": res.memory_mib * 1024 * 1024},

@@ -341,50 +341,115 @@ def validate_template_name(name: str) -> str:
     return name
 
 
-def resolve_in_root(root: str, path: str, max_links: int = 40) -> str | None:
-    """Where ``path`` leads inside the tree at ``root``, symlinks followed as a process chrooted
-    there would follow them (absolute targets start again at ``root``, ``..`` stops at it); None
-    for a link loop or a component that is not a directory. The final path need not exist (a
-    dangling link's target is returned: a bind mount can create it in a writable place).
+@dataclass(frozen=True)
+class RootPath:
+    """Where a path leads inside a tree: ``path`` (absolute, no link in it) and what is there:
+    ``file`` (a regular file), ``dir``, ``missing`` (the last names do not exist) or ``other``."""
 
-    Each component is looked at on its own (never through an unchecked link), so nothing outside
-    ``root`` is read, whatever the tree's links say.
+    path: str
+    kind: str
+
+
+_O_DIR = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def resolve_in_root(root: str, path: str, *, max_links: int = 40, max_steps: int = 4096) -> RootPath | None:
+    """Where ``path`` leads inside the tree at ``root``, symlinks followed as a process chrooted
+    there would follow them (absolute targets start again at ``root``, ``..`` stops at it). None
+    where that process would get an error (a link loop, a name below a non-directory, ``..`` after
+    a missing name), for a tree that takes more than ``max_steps`` names to walk, or for a path
+    that is not printable ASCII. A dangling link's target is returned as ``missing``.
+
+    The walk holds a descriptor of each directory and looks at one name at a time relative to it
+    (``O_NOFOLLOW``): the kernel never follows a link of the tree against the host's own root,
+    whatever the tree (an untrusted image) says, and the cost of a step does not grow with depth.
     """
-    base = os.path.realpath(root).rstrip("/")
     todo = [p for p in reversed(path.split("/")) if p not in ("", ".")]
-    done: list[str] = []
-    links = 0
-    while todo:
-        name = todo.pop()
-        if name == "..":
-            if done:
-                done.pop()
-            continue
-        here = base + "/" + "/".join([*done, name])
-        try:
-            st = os.lstat(here)
-        except FileNotFoundError:
-            done.append(name)
-            while todo:  # nothing below a missing name exists to be a link: the rest is lexical
-                name = todo.pop()
-                if name == "..":
-                    if done:
-                        done.pop()
-                elif name not in ("", "."):
-                    done.append(name)
-            break
-        except OSError:
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > max_links:
+    names: list[str] = []
+    fds = [os.open(root, _O_DIR)]
+    links = steps = 0
+    try:
+        while todo:
+            steps += 1
+            if steps > max_steps:
                 return None
-            target = os.readlink(here)
-            if target.startswith("/"):
-                done = []
-            todo.extend(p for p in reversed(target.split("/")) if p not in ("", "."))
-            continue
-        if todo and not stat.S_ISDIR(st.st_mode):
+            name = todo.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if names:
+                    names.pop()
+                    os.close(fds.pop())
+                continue
+            try:
+                st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            except FileNotFoundError:
+                rest = [n for n in reversed(todo) if n not in ("", ".")]
+                if ".." in rest:  # a chrooted process gets ENOENT here: nothing to say where it leads
+                    return None
+                return _root_path([*names, name, *rest], "missing")
+            except OSError:
+                return None
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > max_links:
+                    return None
+                try:
+                    target = os.readlink(name, dir_fd=fds[-1])
+                except OSError:
+                    return None
+                if target.startswith("/"):
+                    while len(fds) > 1:
+                        os.close(fds.pop())
+                    names = []
+                todo.extend(p for p in reversed(target.split("/")) if p not in ("", "."))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    fds.append(os.open(name, _O_DIR, dir_fd=fds[-1]))
+                except OSError:
+                    return None
+                names.append(name)
+                continue
+            if any(n not in ("", ".") for n in todo):
+                return None  # a name below a file
+            names.append(name)
+            return _root_path(names, "file" if stat.S_ISREG(st.st_mode) else "other")
+        return _root_path(names, "dir")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _root_path(names: list[str], kind: str) -> RootPath | None:
+    path = "/" + "/".join(names)
+    if not (path.isascii() and path.isprintable()):
+        return None
+    return RootPath(path, kind)
+
+
+def read_in_root(root: str, path: str, limit: int) -> bytes | None:
+    """The first ``limit`` bytes of the regular file ``path`` leads to inside ``root`` (links
+    followed within the root only); None if it leads to anything else. Opened one name at a time
+    with ``O_NOFOLLOW``, so a link swapped in after the walk makes the read fail, not escape."""
+    found = resolve_in_root(root, path)
+    if found is None or found.kind != "file":
+        return None
+    parts = found.path.strip("/").split("/")
+    fds = [os.open(root, _O_DIR)]
+    try:
+        for name in parts[:-1]:
+            fds.append(os.open(name, _O_DIR, dir_fd=fds[-1]))
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fds[-1])
+        fds.append(fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        done.append(name)
-    return "/" + "/".join(done)
+        out = bytearray()
+        while len(out) < limit and (chunk := os.read(fd, min(1 << 20, limit - len(out)))):
+            out += chunk
+        return bytes(out)
+    except OSError:
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)

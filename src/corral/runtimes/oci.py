@@ -20,14 +20,13 @@ import os
 import resource
 import shutil
 import socket
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import RuntimeUnavailableError
 from corral.policy import defaults
-from corral.policy.compile import CA_STORES, SandboxPaths, compile_oci
+from corral.policy.compile import AGENT_DIR, CA_STORES, WORKSPACE, SandboxPaths, compile_oci
 from corral.policy.spec import SandboxPolicy
 from corral.runtimes.images import resolve_in_root
 from corral.runtimes.probe import criu_binary
@@ -119,32 +118,34 @@ class RunningInfo:
 NET_FILES = (("/etc/resolv.conf", "resolv.conf"), *((store, "ca.pem") for store in CA_STORES))
 
 
-def _net_files(rootfs: str, net_dir: Path, host_root: bool) -> tuple[tuple[str, str], ...]:
+# Never a place for a network file, whatever an image's links say: kernel and device file systems,
+# Corral's own mounts (the agent, its runtime, socket and network dir).
+_NET_FILES_NEVER = ("/proc", "/sys", "/dev", AGENT_DIR)
+
+
+def _net_files(rootfs: str, net_dir: Path, host_root: bool, avoid: tuple[str, ...] = ()
+               ) -> tuple[tuple[str, str], ...]:
     """Where the sandbox's resolv.conf and CA bundle are bound: at the file each well-known path
-    leads to inside the root (links followed within the root, as the sandbox's libc would)."""
+    leads to inside the root (links followed within the root, as the sandbox's libc would).
+    ``avoid``: mount destinations this view of the root does not show (volumes, the workspace,
+    masked dirs); nothing is bound at or below them."""
     out = []
     seen = set()
-    root = os.path.realpath(rootfs).rstrip("/")
+    never = (*_NET_FILES_NEVER, *avoid)
     for dest, name in NET_FILES:
-        final = resolve_in_root(rootfs, dest)
-        if final is None or final in seen:
-            continue
-        try:
-            regular = stat.S_ISREG(os.lstat(root + final).st_mode)
-            missing = False
-        except FileNotFoundError:
-            regular, missing = False, True
-        except OSError:
+        found = resolve_in_root(rootfs, dest)
+        if found is None or found.path in seen or \
+                any(found.path == d or found.path.startswith(d.rstrip("/") + "/") for d in never):
             continue
         # A missing resolv.conf is created as the mountpoint: in the sandbox's own layer (busybox has
-        # none), or in the fresh /run or /tmp of host mode (systemd-resolved's stub link points there);
-        # without it libc would ask 127.0.0.1, which has no resolver in the sandbox. A missing CA
-        # store is not invented: that image trusts nothing by that path.
-        creatable = missing and dest == "/etc/resolv.conf" and \
-            (not host_root or final.startswith(("/run/", "/tmp/")))
-        if regular or creatable:
-            seen.add(final)
-            out.append((final, str(net_dir / name)))
+        # none; an image's stub link into /run), or in the fresh /run or /tmp of host mode
+        # (systemd-resolved's stub link points there); without it libc would ask 127.0.0.1, which
+        # has no resolver in the sandbox. A missing CA store is not invented.
+        creatable = found.kind == "missing" and dest == "/etc/resolv.conf" and \
+            found.path.startswith(("/run/", "/tmp/") if host_root else ("/etc/", "/run/", "/tmp/"))
+        if found.kind == "file" or creatable:
+            seen.add(found.path)
+            out.append((found.path, str(net_dir / name)))
     return tuple(out)
 
 
@@ -286,15 +287,20 @@ class OciRuntime:
         else:
             (d / "run" / "engine").unlink(missing_ok=True)
         rootfs = self._mount_rootfs(sandbox_id, policy, lowerdirs)
+        masked = (str(self.data_dir), str(self.state_dir)) if policy.root == "host" else ()
+        net_files: tuple[tuple[str, str], ...] = ()
+        if net_dir:  # walks the image's links: off the event loop
+            avoid = (*policy.volumes, *masked, *((WORKSPACE,) if policy.root == "host" else ()))
+            net_files = await asyncio.to_thread(_net_files, rootfs, net_dir, policy.root == "host", avoid)
         paths = SandboxPaths(
             rootfs=rootfs, agent_src=str(self.agent_src),
             agent_runtime=str(self.agent_runtime),
             workspace=str(d / "disk" / "workspace") if policy.root == "host" else None,
-            masked_dirs=(str(self.data_dir), str(self.state_dir)) if policy.root == "host" else (),
+            masked_dirs=masked,
             volumes=tuple((dest, str(self.mount_volume(v.name)), v.read_only) for dest, v in policy.volumes.items()),
             agent_sock_dir=str(d / "sock") if policy.hibernatable else None,
             net_dir=str(net_dir) if net_dir else None,
-            net_files=_net_files(rootfs, net_dir, host_root=policy.root == "host") if net_dir else (),
+            net_files=net_files,
             net_env=tuple(sorted((net_env or {}).items())),
         )
         nofile = min(defaults.NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
@@ -457,8 +463,13 @@ class OciRuntime:
         shutil.rmtree(self.checkpoint_dir(sid), ignore_errors=True)
         # SIGKILLed tasks take a moment to exit (a fork bomb's 64 take several): a cgroup cannot be
         # removed while it holds one, and stop must not return with the sandbox's cgroups left behind.
-        deadline = time.monotonic() + CGROUP_DRAIN_S
-        while self.cgroup_has_tasks(sandbox_id) and time.monotonic() < deadline:
+        started = time.monotonic()
+        killed_again = False
+        while self.cgroup_has_tasks(sandbox_id) and time.monotonic() - started < CGROUP_DRAIN_S:
+            if not killed_again and time.monotonic() - started > 1:
+                # Still there after a second (thawed late, or forked before the first kill landed).
+                killed_again = True
+                await self._run("kill", "--all", sid, "KILL", sandbox_id=sid)
             await asyncio.sleep(0.01)
         self.remove_cgroups(sandbox_id)
         if self.cgroup_dirs(sandbox_id):
