@@ -146,3 +146,14 @@ def test_hostile_archive_through_the_api_is_a_clear_400(daemon):
         r = h.post("/backups", content=bad, headers={"content-type": "application/gzip"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRequest"
     assert not any((daemon.data_dir / "tmp").iterdir())  # staging and upload cleaned up
+
+
+@pytest.mark.parametrize("template", ["../../../etc", "/etc", "busybox/../base"])
+def test_archive_naming_a_path_as_its_template_is_a_clear_400(daemon, template):
+    # A template name from an archive is looked up under the template store: never as a path.
+    bad = _archive([(_entry("layers/0/f"), b"x")], {"format": 1, "kind": "snapshot", "template": template,
+                                                    "layers": [{"whiteouts": [], "opaque": []}]}).getvalue()
+    with daemon.http() as h:
+        r = h.post("/backups", content=bad, headers={"content-type": "application/gzip"})
+    assert r.status_code == 400 and "not a template name" in r.json()["error"]["message"], r.text
+    assert not any((daemon.data_dir / "tmp").iterdir())

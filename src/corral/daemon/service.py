@@ -658,6 +658,11 @@ class Service:
             with open(archive, "rb") as f:
                 meta, layers = await asyncio.to_thread(backup.import_archive, f, staging)
             template = str(meta.get("template"))
+            try:
+                images.validate_template_name(template)
+            except errors.InvalidRequestError:
+                raise errors.InvalidRequestError(f"the backup names template {template[:80]!r}, which is not a "
+                                                 "template name") from None
             if template not in images.BUILTIN_TEMPLATES and self.templates.get(template) is None:
                 raise errors.TemplateNotFoundError(f"the backup needs template {template!r}, unknown here")
             policy: SandboxPolicy | None = None

@@ -56,6 +56,8 @@ class TemplateStore:
         return self.root / name
 
     def get(self, name: str) -> TemplateInfo | None:
+        if not _TEMPLATE_NAME.fullmatch(name):  # names come from requests and archives: never a path
+            return None
         meta = self.path(name) / "meta.json"
         try:
             data = json.loads(meta.read_text())
@@ -335,8 +337,11 @@ def install_agent_source(data_dir: Path, src: Path) -> Path:
     return dest
 
 
+_TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
 def validate_template_name(name: str) -> str:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
+    if not _TEMPLATE_NAME.fullmatch(name):
         raise InvalidRequestError(f"invalid template name {name!r}")
     return name
 
