@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,41 @@ def test_download_of_a_file_whose_size_lies_is_clean(shared_sb, daemon):
         body = r.content
         assert h.get("/health").status_code == 200  # the same connection still works
     assert b"Seccomp:" in body
+
+
+def _setid_files(root: Path) -> list[str]:
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                out.append(os.path.join(dirpath, name))
+    return out
+
+
+def test_no_setuid_file_of_a_sandbox_lands_on_the_host(daemon, base):
+    """Layers lie on the host's own file system, owned by the sandboxes' uid: a setuid file there
+    would let any local user become that uid (and so own every sandbox's layers). Templates (also
+    those built before this rule: the daemon clears them at start) and snapshot blobs carry none;
+    inside, the bits never mattered (no_new_privs)."""
+    from tests.conftest import TEMPLATE_CACHE
+
+    assert _setid_files(TEMPLATE_CACHE / "base" / "rootfs") == []
+    sb = Sandbox.create(template=base)
+    try:
+        r = sb.commands.run("cp /bin/sleep /root/mine && chmod 6755 /root/mine && stat -c %a /root/mine")
+        assert r.stdout == "6755\n", r.stderr  # root inside may set it on its own layer (a nosuid mount)
+        snap = sb.snapshot()
+    finally:
+        sb.kill()
+    try:
+        assert _setid_files(daemon.data_dir / "snapshots") == []
+        fork = Sandbox.create(from_snapshot=snap)
+        try:
+            assert fork.commands.run("stat -c %a /root/mine").stdout == "755\n"
+        finally:
+            fork.kill()
+    finally:
+        from corral import Snapshots
+
+        Snapshots.delete(snap)

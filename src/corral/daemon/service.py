@@ -1017,6 +1017,8 @@ class Service:
         report: dict[str, list[str]] = {"adopted": [], "marked_stopped": [], "orphans_removed": [],
                                         "partial_templates_removed": []}
         report["partial_templates_removed"] = self.templates.cleanup_partial()
+        for name in await asyncio.to_thread(self.templates.clear_setuid):
+            log.info("template %s: setuid/setgid bits cleared (layers on the host carry none)", name)
         await self.networks.start()
         live = {c.sandbox_id: c for c in await self.runtime.list_containers()}
         for rec in list(self.records.values()):

@@ -42,6 +42,7 @@ class TemplateInfo:
     size_bytes: int
     files: int
     description: str
+    setuid_cleared: bool = False  # no setuid/setgid file left in the layer (see shift_ownership)
 
 
 def _noop(_: str) -> None:
@@ -108,7 +109,7 @@ class TemplateStore:
             progress("shifting ownership into the sandbox uid range")
             files, size = shift_ownership(rootfs, defaults.UID_BASE)
             info = TemplateInfo(name=name, rootfs=str(self.path(name) / "rootfs"), built_at=time.time(),
-                                size_bytes=size, files=files, description=desc)
+                                size_bytes=size, files=files, description=desc, setuid_cleared=True)
             (tmp / "meta.json").write_text(json.dumps(info.__dict__))
             final = self.path(name)
             if final.exists():
@@ -126,6 +127,26 @@ class TemplateStore:
         if not self.path(name).exists():
             raise TemplateNotFoundError(f"no template named {name!r}")
         shutil.rmtree(self.path(name))
+
+    def clear_setuid(self) -> list[str]:
+        """Templates built before layers were kept free of setuid/setgid files: clear those bits
+        once (a local host user could otherwise run them as the sandboxes' uid); the names done."""
+        done = []
+        for info in self.list_built():
+            if info.setuid_cleared:
+                continue
+            for dirpath, _dirs, files in os.walk(info.rootfs):
+                for name in files:
+                    p = os.path.join(dirpath, name)
+                    st = os.lstat(p)
+                    if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                        os.chmod(p, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            meta = self.path(info.name) / "meta.json"
+            tmp = meta.with_name(f".meta-{os.getpid()}.json")
+            tmp.write_text(json.dumps({**info.__dict__, "setuid_cleared": True}))
+            os.replace(tmp, meta)
+            done.append(info.name)
+        return done
 
     def cleanup_partial(self) -> list[str]:
         """Remove build directories left by an interrupted build."""
@@ -235,12 +256,14 @@ def shift_ownership(root: Path, base: int) -> tuple[int, int]:
             if not name and dirpath != str(root):
                 continue
             st = os.lstat(p)
+            # No setuid/setgid file in a layer: inside a sandbox no_new_privs makes the bits inert,
+            # but the layer lies on the host's own file system, where a local user could run it and
+            # become the sandboxes' uid (which owns every layer). chown clears them on Linux; say it.
+            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(p, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
             if st.st_uid >= base:
                 continue
             os.lchown(p, st.st_uid + base, st.st_gid + base)
-            # chown clears setuid/setgid bits; put them back (no_new_privs makes them inert anyway).
-            if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                os.chmod(p, stat.S_IMODE(st.st_mode))
             files += 1
             size += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return files, size

@@ -434,6 +434,12 @@ class OciRuntime:
         rc, out = await self._run("pause", sandbox_id, sandbox_id=sandbox_id)
         if rc != 0:
             raise RuntimeUnavailableError(f"could not pause sandbox {sandbox_id}: {out.strip()[-300:]}")
+        # Callers rely on it (snapshots and backups walk the sandbox's layer while it is paused: a
+        # process still running could swap a directory it listed for a link): frozen, or an error.
+        if state is not None and state.read_text().strip() != "FROZEN":
+            state.write_text("THAWED")
+            raise RuntimeUnavailableError(f"could not pause sandbox {sandbox_id}: its tasks did not freeze",
+                                          hint="a task in uninterruptible sleep holds the freezer; try again")
 
     async def resume(self, sandbox_id: str) -> None:
         state = self._freezer(sandbox_id)

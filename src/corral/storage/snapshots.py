@@ -34,7 +34,8 @@ class LayerStats:
 
 
 def _blob_key(digest: str, st: os.stat_result) -> str:
-    return f"{digest}-{stat.S_IMODE(st.st_mode):o}-{st.st_uid}-{st.st_gid}"
+    mode = stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID)  # what the blob will carry
+    return f"{digest}-{mode:o}-{st.st_uid}-{st.st_gid}"
 
 
 def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -158,7 +159,9 @@ class SnapshotStore:
             else:
                 blob.parent.mkdir(exist_ok=True)
                 os.chown(part, st.st_uid, st.st_gid)
-                os.chmod(part, stat.S_IMODE(st.st_mode))
+                # Blobs lie on the host's file system: never setuid/setgid there (a local user could
+                # run one a sandbox planted; inside a sandbox no_new_privs makes the bits inert).
+                os.chmod(part, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
                 os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
                 os.replace(part, blob)
                 stats.new_bytes += st.st_size
