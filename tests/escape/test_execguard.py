@@ -403,3 +403,49 @@ def test_no_escape_key(guarded, curl_sha, daemon):
     r = guarded.commands.run(f"kill -9 {holder}; echo rc=$?")
     assert "rc=1" in r.stdout
     assert Path(f"/proc/{holder}").exists()
+
+
+def test_guard_marks_cannot_be_aimed_through_a_swapped_directory(daemon, base):
+    """The guard marks a sandbox's mounts by the paths in its mountinfo, while the sandbox may run
+    (restore, re-arm after a restart). A sandbox swaps a directory above a volume for a link between
+    the guard reading mountinfo and marking: walked from the host through /proc/<pid>/root, the
+    stale path follows that link against the host's root (here onto the host's /usr/lib), and the
+    mark would land on a host mount while the volume stayed unmarked. The guard walks inside the
+    sandbox's root with no link allowed and checks the mount it reached."""
+    import json
+    import os
+    import secrets
+    import subprocess
+
+    from corral import Sandbox, Volume
+    from corral.execguard import kernel
+    from corral.execguard.guard import _mark_sandbox_mount, exec_mounts
+
+    name = "guardswap-" + secrets.token_hex(4)
+    Volume.create(name, size_mib=16)
+    sb = Sandbox.create(template=base, volumes={"/home/user/lib": name})
+    group = root_fd = -1
+    try:
+        r = sb.commands.run("mv /home/user /home/u2 && ln -s /usr /home/user && echo swapped")
+        assert r.stdout == "swapped\n", r.stderr
+        state = subprocess.run(["crun", "--root", str(daemon.run_dir / "crun"), "state", sb.id],
+                               capture_output=True, text=True, check=True).stdout
+        pid = json.loads(state)["pid"]
+        vol = {mp: mid for mid, mp in exec_mounts(pid)}
+        mnt_id = vol["/home/u2/lib"]  # the kernel followed the rename
+        # What a name walked from the host reaches: the host's own /usr/lib.
+        via, host = os.stat(f"/proc/{pid}/root/home/user/lib"), os.stat("/usr/lib")
+        assert (via.st_dev, via.st_ino) == (host.st_dev, host.st_ino)
+        group = kernel.fanotify_init()
+        root_fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        with pytest.raises(OSError, match="openat2"):  # the stale name: a link on the way (ELOOP)
+            _mark_sandbox_mount(group, root_fd, mnt_id, "/home/user/lib")
+        with pytest.raises(OSError, match="leads to mount"):  # a name that reaches another mount
+            _mark_sandbox_mount(group, root_fd, mnt_id, "/home/u2")
+        _mark_sandbox_mount(group, root_fd, mnt_id, "/home/u2/lib")  # the volume itself: marked
+    finally:
+        for fd in (group, root_fd):
+            if fd >= 0:
+                os.close(fd)
+        sb.kill()
+        Volume.delete(name)

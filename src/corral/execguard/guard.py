@@ -71,17 +71,33 @@ PSEUDO_FS = frozenset({"proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue",
                        "tracefs", "bpf", "pstore", "configfs", "binfmt_misc", "fusectl", "hugetlbfs"})
 
 
-def exec_mounts(pid: int) -> list[str]:
-    """Mount points (inside the sandbox) of every mount that allows exec."""
-    out = []
+def exec_mounts(pid: int) -> list[tuple[int, str]]:
+    """(mount id, mount point inside the sandbox) of every visible mount that allows exec. Of mounts
+    stacked on one mount point only the top one is reachable, and listed."""
+    top: dict[str, tuple[int, bool]] = {}
     with open(f"/proc/{pid}/mountinfo") as f:
         for line in f:
             fields = line.split()
             fstype = fields[fields.index("-") + 1]
-            if "noexec" in fields[5].split(",") or fstype in PSEUDO_FS:
-                continue
-            out.append(_unescape(fields[4]))
-    return out
+            mp = _unescape(fields[4])
+            top.pop(mp, None)  # a later mount on the same point covers the earlier one
+            top[mp] = (int(fields[0]), "noexec" in fields[5].split(",") or fstype in PSEUDO_FS)
+    return [(mid, mp) for mp, (mid, skip) in top.items() if not skip]
+
+
+def _mark_sandbox_mount(group: int, root_fd: int, mnt_id: int, mp: str) -> None:
+    """Mark the mount ``mnt_id`` at ``mp`` inside the sandbox. The path is walked inside the
+    sandbox's root with no symlink allowed on the way (the sandbox may be running and could swap a
+    directory for a link to aim the mark elsewhere, even at a host mount); the object reached must
+    be on that very mount, and it is marked through its descriptor, not by name again."""
+    fd = kernel.open_in_root(root_fd, mp, no_symlinks=True)
+    try:
+        got = kernel.mount_id(fd)
+        if got != mnt_id:
+            raise OSError(f"{mp} leads to mount {got}, not {mnt_id} (the sandbox changed it while it was armed)")
+        kernel.mark_mount(group, f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def _regs(tid: int) -> str:
@@ -172,9 +188,14 @@ class ExecGuard:
         """Create the group and mark every exec-capable mount of the sandbox. Returns the mount points."""
         self.group = kernel.fanotify_init()
         try:
-            mounts = exec_mounts(init_pid)
-            for mp in mounts:
-                kernel.mark_mount(self.group, f"/proc/{init_pid}/root{mp}")
+            found = exec_mounts(init_pid)
+            root_fd = os.open(f"/proc/{init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for mnt_id, mp in found:
+                    _mark_sandbox_mount(self.group, root_fd, mnt_id, mp)
+            finally:
+                os.close(root_fd)
+            mounts = [mp for _, mp in found]
             if self.plan.mode == "enforce":
                 self.holder_pid = spawn_holder(self.group)
         except BaseException:

@@ -29,6 +29,7 @@ SYS_OPENAT2 = 437
 SYS_PIDFD_GETFD = 438
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
+RESOLVE_NO_SYMLINKS = 0x04
 
 
 def _err(what: str) -> OSError:
@@ -45,6 +46,15 @@ def fanotify_init() -> int:
     return int(fd)
 
 
+def mount_id(fd: int) -> int:
+    """The id of the mount an open file is on (as the first field of /proc/<pid>/mountinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(f"no mnt_id for fd {fd}")
+
+
 def mark_mount(fd: int, path: str) -> None:
     if _libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_MOUNT, FAN_OPEN_EXEC_PERM, AT_FDCWD, path.encode()) != 0:
         raise _err(f"fanotify_mark {path}")
@@ -58,10 +68,11 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def open_in_root(root_fd: int, path: str, flags: int = os.O_PATH | os.O_CLOEXEC) -> int:
+def open_in_root(root_fd: int, path: str, flags: int = os.O_PATH | os.O_CLOEXEC, *, no_symlinks: bool = False) -> int:
     """openat2 with RESOLVE_IN_ROOT: resolve ``path`` as the process whose root is ``root_fd`` would,
-    absolute symlinks included, without leaving that root."""
-    how = _OpenHow(flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    absolute symlinks included, without leaving that root (``no_symlinks``: a link anywhere on the
+    way is an error, ELOOP)."""
+    how = _OpenHow(flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | (RESOLVE_NO_SYMLINKS if no_symlinks else 0))
     fd = _libc.syscall(SYS_OPENAT2, root_fd, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
         raise _err(f"openat2 {path}")
