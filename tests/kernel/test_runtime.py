@@ -142,3 +142,43 @@ def test_start_failure_is_a_clear_error_and_leaves_nothing(runtime):
 
     run(go())
     assert not rt.cgroup_dirs(sid) and not rt.dir(sid).exists()
+
+
+def _states(sid: str) -> set[str]:
+    out = set()
+    for pid in (Path("/sys/fs/cgroup/pids/corral") / sid / "cgroup.procs").read_text().split():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        out.add(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("State:")))
+    return out
+
+
+def test_restored_tasks_wait_stopped_until_continued(runtime):
+    """CRIU leaves a restored sandbox's tasks stopped: the daemon arms the exec guard and wires the
+    network again before any of them runs (see OciRuntime.continue_restored)."""
+    require("hibernation")
+    rt, rootfs = runtime
+    sid = "sb-kernel000005"
+    pol = SandboxPolicy(template="busybox", hibernatable=True)
+
+    async def go():
+        rt.prepare(sid, pol)
+        await rt.start(sid, pol, [rootfs])
+        try:
+            await AgentClient(rt.socket_path(sid), sid).ping(timeout_s=10)
+            await rt.checkpoint(sid)
+            await rt.restore(sid, pol, [rootfs])
+            assert _states(sid) == {"T"}  # every task, the agent included, is stopped
+            await asyncio.sleep(0.3)
+            assert _states(sid) == {"T"}  # and stays so
+            await rt.continue_restored(sid)
+            await AgentClient(rt.socket_path(sid), sid).ping(timeout_s=10)
+            assert "T" not in _states(sid)
+            assert (await _exec(rt, sid, "echo back"))["stdout"] == "back\n"
+        finally:
+            await rt.destroy(sid)
+
+    run(go())
+    assert not rt.cgroup_dirs(sid)

@@ -463,6 +463,8 @@ class Service:
                                                    self.runtime.dir(sandbox_id))
                     what = "the exec guard could not be armed again"
                     await self._guard_on(rec, policy)
+                    what = "its processes could not be continued"
+                    await self.runtime.continue_restored(sandbox_id)  # only now: policy back in force
                 except BaseException:
                     await self.networks.detach(sandbox_id)
                     await self.runtime.stop(sandbox_id)

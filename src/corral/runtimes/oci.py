@@ -343,11 +343,11 @@ class OciRuntime:
             await self.stop(sandbox_id)
             raise RuntimeUnavailableError(f"the OCI runtime could not start sandbox {sandbox_id}: {' | '.join(tail)}")
 
-    async def _spawn(self, sandbox_id: str, *args: str) -> None:
+    async def _spawn(self, sandbox_id: str, *args: str, restoring: bool = False) -> None:
         """Run the engine with the sandbox's stdio on /dev/null (CRIU cannot carry host files), errors to a log."""
         d = self.dir(sandbox_id)
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "CRIU_CONFIG_FILE": str(self.criu_config())}
+               "CRIU_CONFIG_FILE": str(self.criu_config(restoring))}
         proc = await asyncio.create_subprocess_exec(
             *self._cmd("--criu", self.criu or "criu", *args, sandbox_id=sandbox_id), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env, cwd=str(d / "bundle"))
@@ -364,14 +364,19 @@ class OciRuntime:
                    "# restored, so they are dumped (and restored) closed instead of failing the dump.\n"
                    "tcp-close\n")
 
-    def criu_config(self) -> Path:
-        p = self.data_dir / "criu.conf"
+    # Restored tasks stay stopped until the daemon has armed the exec guard and wired the network
+    # again (continue_restored): nothing a sandbox restores runs before its policy is back in force.
+    CRIU_RESTORE_CONFIG = CRIU_CONFIG + "# restore only: tasks stay stopped until the daemon continues them\nleave-stopped\n"
+
+    def criu_config(self, restoring: bool = False) -> Path:
+        p = self.data_dir / ("criu-restore.conf" if restoring else "criu.conf")
+        text = self.CRIU_RESTORE_CONFIG if restoring else self.CRIU_CONFIG
         try:
             current = p.read_text()
         except OSError:
             current = ""
-        if current != self.CRIU_CONFIG:
-            p.write_text(self.CRIU_CONFIG)
+        if current != text:
+            p.write_text(text)
         return p
 
     def checkpoint_dir(self, sandbox_id: str) -> Path:
@@ -401,7 +406,7 @@ class OciRuntime:
         (ck / "restore-work").mkdir(mode=0o700, exist_ok=True)
         await self._spawn(sandbox_id, "restore", "-d", "--image-path", str(ck / "img"), "--work-path",
                           str(ck / "restore-work"), "--pid-file", str(d / "run" / "pid"), "-b", str(d / "bundle"),
-                          sandbox_id)
+                          sandbox_id, restoring=True)
         shutil.rmtree(ck, ignore_errors=True)
         # The restored network namespace comes back with loopback down; bring it up from outside (the
         # sandbox itself has no CAP_NET_ADMIN).
@@ -411,6 +416,12 @@ class OciRuntime:
                                                         stdout=asyncio.subprocess.DEVNULL,
                                                         stderr=asyncio.subprocess.DEVNULL)
             await proc.wait()
+
+    async def continue_restored(self, sandbox_id: str) -> None:
+        """Let the tasks of a restored sandbox run (CRIU left them stopped: see CRIU_RESTORE_CONFIG)."""
+        rc, out = await self._run("kill", "--all", sandbox_id, "CONT", sandbox_id=sandbox_id)
+        if rc != 0:
+            raise RuntimeUnavailableError(f"could not continue restored sandbox {sandbox_id}: {out.strip()[-300:]}")
 
     async def _run(self, *args: str, sandbox_id: str | None = None) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(*self._cmd(*args, sandbox_id=sandbox_id),
