@@ -6,6 +6,7 @@ Each test runs the attack from inside and asserts both the refusal and the absen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -530,3 +531,40 @@ def test_host_process_cannot_pass_for_a_sandbox(net: Env) -> None:
             s.connect(net.mgr.proxy.address)
     finally:
         s.close()
+
+
+def test_one_sandbox_cannot_fill_the_hosts_connection_table(net: Env) -> None:
+    """Every UDP/53 packet to a new address takes a connection-tracking entry on the host (the
+    table all of the host's traffic shares). A sandbox spraying them is capped at its own quota
+    (CONNTRACK_PER_SANDBOX): its further new flows are dropped, other sandboxes are untouched."""
+    from corral.network.netns import CONNTRACK_PER_SANDBOX
+
+    host = net.mgr.host
+    assert host is not None and host.conntrack_max == CONNTRACK_PER_SANDBOX
+    extra = Namespace()
+    sid = "sb-ctfill" + uuid.uuid4().hex[:6]
+    try:
+        net.lt.run(net.mgr.attach(sid, extra.pid, net.plan))
+        n = CONNTRACK_PER_SANDBOX + 600
+        code = ("import socket,struct,time\n"
+                "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.setblocking(False)\n"
+                "q=b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x01x\\x04test\\x00\\x00\\x01\\x00\\x01'\n"
+                f"for i in range({n}):\n"
+                "    s.sendto(q, ('198.51.%d.%d' % (i // 250, 1 + i % 250), 53))\n"
+                "got=0; end=time.monotonic()+3\n"
+                "while time.monotonic()<end:\n"
+                "    try: s.recv(512); got+=1\n"
+                "    except BlockingIOError: time.sleep(0.01)\n"
+                "print('answers', got)\n"
+                "t=socket.socket(); t.settimeout(2)\n"
+                f"try: t.connect(('{ALLOWED}', 80)); print('tcp ok')\n"
+                "except OSError as e: print('tcp refused', type(e).__name__)\n")
+        _, out = net.sh(extra, [sys.executable, "-c", code], timeout=30)
+        answers = int(out.split("answers ")[1].split()[0])
+        assert 0 < answers <= CONNTRACK_PER_SANDBOX, out  # the rest were dropped before taking an entry
+        assert "tcp refused" in out, out  # its own new flows stop at its quota
+        assert net.curl("https://allowed.test/ct")[0] == 200  # another sandbox is untouched
+    finally:
+        with contextlib.suppress(Exception):
+            net.lt.run(net.mgr.detach(sid))
+        extra.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.network.dns import DnsLedger, DnsResponder, Resolver
-from corral.network.netns import DEFAULT_POOL, HostNetwork, SandboxNet, sandbox_env
+from corral.network.netns import CONNTRACK_PER_SANDBOX, DEFAULT_POOL, HostNetwork, SandboxNet, sandbox_env
 from corral.network.proxy import EgressProxy
 from corral.network.secrets import CertificateAuthority, SecretStore
 from corral.policy.network import NetworkPlan
@@ -34,8 +34,9 @@ class NetworkManager:
                  listen_addr: str = "127.0.0.1", proxy_port: int = 0, dns_port: int = 0,
                  upstream_ssl: ssl.SSLContext | None = None, max_connections_per_sandbox: int = 256,
                  ca_path_in_sandbox: str = CA_PATH_IN_SANDBOX, table: str = "corral",
-                 veth_prefix: str = "cvh-") -> None:
+                 veth_prefix: str = "cvh-", conntrack_per_sandbox: int = CONNTRACK_PER_SANDBOX) -> None:
         self.table = table
+        self.conntrack_per_sandbox = conntrack_per_sandbox
         self.veth_prefix = veth_prefix
         self.state_dir = Path(state_dir)
         self.secrets = secrets if secrets is not None else SecretStore(self.state_dir / "secrets")
@@ -65,7 +66,7 @@ class NetworkManager:
         assert self.proxy.address is not None and self.dns.address is not None
         self.host = HostNetwork(proxy_addr=self.listen_addr, proxy_port=self.proxy.address[1],
                                 dns_port=self.dns.address[1], pool=self.pool, table=self.table,
-                                veth_prefix=self.veth_prefix)
+                                veth_prefix=self.veth_prefix, conntrack_max=self.conntrack_per_sandbox)
         await asyncio.to_thread(self.host.ensure_table)
 
     def reserve(self, sandbox_id: str, preferred: str | None = None) -> tuple[str, str]:

@@ -43,6 +43,10 @@ HOST_PREFIX = "cvh-"
 PEER_PREFIX = "cvs-"
 DEFAULT_POOL = "10.200.0.0/16"
 CLONE_NEWNET = 0x40000000
+# Connection-tracking entries one sandbox may hold at once (new flows beyond are dropped): each
+# UDP/53 packet to a new address and each TCP connection (also 2 min after it closed) holds one,
+# and the host's table is shared by everything on it (nf_conntrack_max, 262144 here).
+CONNTRACK_PER_SANDBOX = 4096
 
 
 class NetnsError(RuntimeError):
@@ -122,7 +126,8 @@ class HostNetwork:
     """Owns the ``inet corral`` table and the sandboxes' veths on this host."""
 
     def __init__(self, *, proxy_addr: str = "127.0.0.1", proxy_port: int, dns_port: int,
-                 pool: str = DEFAULT_POOL, table: str = TABLE, veth_prefix: str = HOST_PREFIX) -> None:
+                 pool: str = DEFAULT_POOL, table: str = TABLE, veth_prefix: str = HOST_PREFIX,
+                 conntrack_max: int = CONNTRACK_PER_SANDBOX) -> None:
         if len(veth_prefix) != 4:
             raise NetnsError("the veth prefix must be 4 characters")
         self.table = table
@@ -130,6 +135,7 @@ class HostNetwork:
         self.proxy_addr = proxy_addr
         self.proxy_port = proxy_port
         self.dns_port = dns_port
+        self.conntrack_max = conntrack_max
         self.pool = ipaddress.IPv4Network(pool)
         if self.pool.prefixlen > 29:
             raise NetnsError("the sandbox address pool must be at least a /29")
@@ -165,8 +171,22 @@ add rule inet {self.table} input iifname @ifaces drop
 add rule inet {self.table} input ip saddr {self.pool} iifname != @ifaces drop
 add rule inet {self.table} forward iifname @ifaces drop
 add rule inet {self.table} forward oifname @ifaces drop
+add rule inet {self.table} forward ip saddr {self.pool} drop
+add rule inet {self.table} forward ip daddr {self.pool} drop
 """
         _run(["nft", "-f", "-"], stdin=script)
+        # After conntrack (priority -200) and before NAT: a flow dropped here never takes an entry.
+        limit = f"""
+table inet {self.table} {{
+  set sbct {{ type ipv4_addr; flags dynamic; size 65535; }}
+  chain pre_ct {{ type filter hook prerouting priority mangle; policy accept; }}
+}}
+flush chain inet {self.table} pre_ct
+add rule inet {self.table} pre_ct iifname @ifaces ct state new add @sbct {{ ip saddr ct count over {self.conntrack_max} }} drop
+"""
+        r = _run(["nft", "-f", "-"], stdin=limit, check=False)
+        if r.returncode != 0:  # nf_conncount missing: sandboxes are still isolated, only not capped
+            log.warning("no per-sandbox connection-tracking cap on this host: %s", r.stderr.strip()[-200:])
 
     def drop_table(self) -> None:
         _run(["nft", "delete", "table", "inet", self.table], check=False)
@@ -268,7 +288,12 @@ add element inet {self.table} ifaces {{ "{host_if}" }}
             self._remove(host_if, net.ip if net else None)
 
     def _remove(self, host_if: str, ip: str | None) -> None:
-        # Set membership first: from then on the veth is not a sandbox for the rules (and drops nothing).
+        # The veth first: while it exists its rules stay, or a running sandbox would have a moment in
+        # which no rule matches its interface (and a host that forwards would route its packets).
+        _run(["ip", "link", "del", host_if], check=False)
+        if os.path.exists(f"/sys/class/net/{host_if}"):
+            log.warning("could not remove %s; its rules stay in place (the next cleanup tries again)", host_if)
+            return
         cmds = [f'delete element inet {self.table} ifaces {{ "{host_if}" }}',
                 f'delete element inet {self.table} natmap {{ "{host_if}" }}']
         if ip:
@@ -278,7 +303,6 @@ add element inet {self.table} ifaces {{ "{host_if}" }}
         if _run(["nft", "-f", "-"], stdin="\n".join(cmds) + "\n", check=False).returncode != 0:
             for cmd in cmds:
                 _run(["nft", "-f", "-"], stdin=cmd, check=False)
-        _run(["ip", "link", "del", host_if], check=False)
 
     def cleanup_orphans(self, keep: set[str] | None = None) -> list[str]:
         """Remove veths and table entries of sandboxes not in ``keep`` (veth names) nor attached here."""
