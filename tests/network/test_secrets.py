@@ -112,3 +112,38 @@ def test_sni_parser_and_redactor() -> None:
     r = _Redactor([b"SECRETVALUE"])
     out = r.feed(b"abc SECRET") + r.feed(b"VALUE def SEC") + r.feed(b"RETVALUE") + r.flush()
     assert out == b"abc *********** def ***********"
+
+
+def test_redactor_pauses_cannot_split_a_value_past_it() -> None:
+    """A response tail that may begin a secret is held; when the stream pauses there (the upstream
+    sends nothing for a while, or a reading pattern made the chunk end there), the tail goes out with
+    its secret part masked and the next bytes are masked as far as they continue the form. Random
+    chunkings with pauses anywhere: no 8-byte window of the value ever comes out, and streams
+    without the value come out unchanged."""
+    import os
+    import random
+
+    value = b"ghp_" + os.urandom(16).hex().encode()
+    forms = [(value, 0), (b"Bearer " + value, 7)]
+    rng = random.Random(7)
+
+    def run(body: bytes) -> bytes:
+        r = _Redactor(forms)
+        out, i = b"", 0
+        while i < len(body):
+            n = rng.randrange(1, 40)
+            out += r.feed(body[i:i + n])
+            i += n
+            if rng.random() < 0.3:
+                out += r.flush()  # a pause
+        return out + r.flush()
+
+    for _ in range(3000):
+        pad = bytes(rng.randrange(128, 256) for _ in range(rng.randrange(0, 40)))  # never part of the value
+        body = pad + b"Authorization: Bearer " + value + b"\r\n" + value[:rng.randrange(8)] + pad  # + a near miss
+        out = run(body)
+        assert len(out) == len(body)
+        assert not any(value[k:k + 8] in out for k in range(len(value) - 7)), (body, out)
+    for _ in range(3000):
+        body = os.urandom(rng.randrange(1, 200))
+        assert run(body) == body

@@ -56,6 +56,7 @@ HEAD_LIMIT = 64 * 1024
 PEEK_TIMEOUT_S = 0.3  # server-speaks-first protocols (ssh) wait this long before being named by address
 READ_HEAD_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
+HOLD_S = 0.05  # how long a response tail that may begin a secret waits for the upstream's next bytes
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # used with fullmatch ('$' would accept a final LF)
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII only: what is checked is what is forwarded
 _REQUEST_LINE = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r\n")
@@ -244,13 +245,36 @@ class _Relay(asyncio.Protocol):
 
 
 class _Redactor:
-    """Replaces each secret form in a byte stream by as many ``*`` (lengths, so framing, unchanged)."""
+    """Replaces each secret form in a byte stream by as many ``*`` (lengths, so framing, unchanged).
 
-    def __init__(self, forms: Sequence[bytes]) -> None:
-        self.forms = sorted({f for f in forms if len(f) >= 4}, key=len, reverse=True)
+    A form is given with the offset where its secret material starts (``Bearer <value>``: after
+    "Bearer "). The tail of a chunk that could begin a form is held back until more comes. When the
+    stream pauses (the upstream sent nothing for a while) or ends with such a tail, the tail goes out,
+    its secret part masked once it is long enough to mean anything (MIN_MASK bytes: shorter, an
+    innocent last byte equal to a secret's first would be spoiled), and the stream's next bytes are
+    masked too as far as they continue a form: a pause cannot split a value into two halves that
+    each pass unseen.
+    """
+
+    MIN_MASK = 4
+
+    def __init__(self, forms: Sequence[bytes | tuple[bytes, int]]) -> None:
+        self.forms: list[bytes] = []
+        self.secret_from: dict[bytes, int] = {}
+        for f in forms:
+            self.add(*(f if isinstance(f, tuple) else (f, 0)))
         self.held = b""
+        self.cont: list[tuple[bytes, int]] = []  # (form, bytes of it already sent) after a pause
+
+    def add(self, form: bytes, secret_from: int = 0) -> None:
+        if len(form) >= 4 and form not in self.secret_from:
+            self.forms.append(form)
+            self.forms.sort(key=len, reverse=True)
+            self.secret_from[form] = secret_from
 
     def feed(self, data: bytes) -> bytes:
+        if self.cont:
+            data = self._continue(data)
         data = self.held + data
         for f in self.forms:
             if f in data:
@@ -272,9 +296,31 @@ class _Redactor:
         self.held = data[len(data) - hold:] if hold else b""
         return data[:len(data) - hold] if hold else data
 
+    def _continue(self, data: bytes) -> bytes:
+        masked = bytearray(data)
+        keep: list[tuple[bytes, int]] = []
+        for f, k in self.cont:
+            rest = f[k:]
+            if data.startswith(rest):
+                masked[:len(rest)] = b"*" * len(rest)
+            elif rest.startswith(data):
+                masked[:] = b"*" * len(data)
+                keep.append((f, k + len(data)))
+        self.cont = keep
+        return bytes(masked)
+
     def flush(self) -> bytes:
-        out, self.held = self.held, b""
-        return out
+        """The held tail, now (a pause or the end of the stream): see the class docstring."""
+        out, self.held = bytearray(self.held), b""
+        for j in range(len(out)):
+            tail = bytes(out[j:])
+            for f in self.forms:
+                if f.startswith(tail):
+                    self.cont.append((f, len(tail)))
+                    start = j + self.secret_from[f]
+                    if len(out) - start >= self.MIN_MASK:
+                        out[start:] = b"*" * (len(out) - start)
+        return bytes(out)
 
 
 class EgressProxy:
@@ -699,9 +745,6 @@ class EgressProxy:
         decided_for: NetworkPlan | None = None
 
         async def pump(up_r: asyncio.StreamReader) -> None:
-            loop = asyncio.get_running_loop()
-            flush_handle: asyncio.TimerHandle | None = None
-
             def flush() -> None:
                 rest = redactor.flush()
                 if rest and not writer.is_closing():
@@ -709,23 +752,27 @@ class EgressProxy:
 
             try:
                 while True:
-                    chunk = await up_r.read(65536)
+                    if redactor.held:
+                        # A tail that may begin a secret waits for the upstream's next bytes, not
+                        # longer than HOLD_S: the wait is on the upstream only (never on a client
+                        # that reads slowly, which could otherwise time the split itself).
+                        try:
+                            chunk = await asyncio.wait_for(up_r.read(65536), HOLD_S)
+                        except TimeoutError:
+                            flush()
+                            await writer.drain()
+                            continue
+                    else:
+                        chunk = await up_r.read(65536)
                     if not chunk:
                         break
                     c.down += len(chunk)
                     out = redactor.feed(chunk) if redactor.forms else chunk
-                    if flush_handle is not None:
-                        flush_handle.cancel()
-                        flush_handle = None
-                    if redactor.held:
-                        flush_handle = loop.call_later(0.02, flush)
                     writer.write(out)
                     await writer.drain()
             except (ConnectionError, ssl.SSLError, OSError):
                 pass
             finally:
-                if flush_handle is not None:
-                    flush_handle.cancel()
                 flush()
                 if not switching:
                     # The upstream ended the exchange (maybe the body is delimited by close): so do we.
@@ -807,10 +854,8 @@ class EgressProxy:
                         raise _Reject(403, f"secret {binding.name!r} may not be used for {method} "
                                            f"{path.split('?', 1)[0][:200]}", f"secret:{binding.name}")
                 out_headers, uses, misuses, forms = self._inject(plan, _host_text(host), headers, brokered)
-                for f in forms:
-                    if f not in redactor.forms:
-                        redactor.forms.append(f)
-                redactor.forms.sort(key=len, reverse=True)
+                for form, secret_from in forms:
+                    redactor.add(form, secret_from)
                 line_text = f"{method} {path}"
                 for b, ph in self._placeholders(plan):
                     if ph in line_text and (b.name, "request-target") not in misuses:
@@ -861,13 +906,13 @@ class EgressProxy:
                 up_w.close()
 
     def _inject(self, plan: NetworkPlan, host: str, headers: list[tuple[str, str]], brokered: bool
-                ) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]], list[bytes]]:
+                ) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]], list[tuple[bytes, int]]]:
         """(headers to send, secrets used, (secret, where) placeholder misuses, forms to redact)."""
         binding = plan.secret_for(host) if brokered else None
         out = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
         uses: list[str] = []
         misuses: list[tuple[str, str]] = []
-        forms: list[bytes] = []
+        forms: list[tuple[bytes, int]] = []  # (form, where its secret material starts)
         placeholders = self._placeholders(plan)
         value: str | None = None
         if binding is not None:
@@ -876,7 +921,7 @@ class EgressProxy:
                 value = self.secrets.get_value(binding.name)
             except Exception:
                 raise _Reject(502, f"secret {binding.name!r} is unavailable") from None
-            forms.append(value.encode())
+            forms.append((value.encode(), 0))
         inj = binding.injection if binding else None
         declared: set[str] = set()
         if isinstance(inj, PlaceholderInjection):
@@ -899,14 +944,14 @@ class EgressProxy:
                 rendered = inj.template.replace("{value}", value)
                 new = [(k, v) for k, v in new if k.lower() != inj.header.lower()]
                 new.append((inj.header, rendered))
-                forms.append(rendered.encode())
+                forms.append((rendered.encode(), len(inj.template.split("{value}", 1)[0].encode())))
                 if binding.name not in uses:
                     uses.append(binding.name)
             elif isinstance(inj, BasicAuthInjection):
                 token = base64.b64encode(f"{inj.username}:{value}".encode()).decode()
                 new = [(k, v) for k, v in new if k.lower() != "authorization"]
                 new.append(("Authorization", f"Basic {token}"))
-                forms.append(token.encode())
+                forms.append((token.encode(), 0))
                 if binding.name not in uses:
                     uses.append(binding.name)
         return new, uses, misuses, forms
