@@ -437,6 +437,24 @@ def test_token_injected_for_bound_host_only(net: Env) -> None:
     assert {e["destination"] for e in misuse} >= {"allowed.test", "api.allowed.test"}
 
 
+def test_brokered_requests_ask_for_an_unencoded_whole_response_with_the_checked_host(net: Env) -> None:
+    """The response of a brokered request is scanned for the credential: a gzip-encoded or ranged
+    echo of it would pass the scan, so the proxy asks for identity encoding and drops Range. The
+    Host header upstream is rebuilt from the authority the policy decided on (case, trailing dot)."""
+    since = len(net.echo.seen)
+    code, body = net.curl("https://api.allowed.test/enc", "-H", "Accept-Encoding: gzip, br", "-H", "Range: bytes=5-9",
+                          "-H", "If-Range: x", "-H", "Host: API.Allowed.TEST.")
+    assert code == 200, body
+    seen = net.echo.seen[since:]
+    assert [s.headers.get("accept-encoding") for s in seen] == ["identity"]
+    assert "range" not in seen[0].headers and "if-range" not in seen[0].headers
+    assert seen[0].headers["host"] == "api.allowed.test"
+    # Not brokered (no credential to protect): the client's headers go as they are.
+    since = len(net.echo.seen)
+    assert net.curl("http://allowed.test/plain", "-H", "Accept-Encoding: gzip")[0] == 200
+    assert net.echo.seen[since].headers.get("accept-encoding") == "gzip"
+
+
 def test_placeholder_substitution_only_in_declared_headers(net: Env) -> None:
     ph = net.env["PH_KEY"]
     since = len(net.echo.seen)

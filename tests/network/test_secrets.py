@@ -147,3 +147,39 @@ def test_redactor_pauses_cannot_split_a_value_past_it() -> None:
     for _ in range(3000):
         body = os.urandom(rng.randrange(1, 200))
         assert run(body) == body
+
+
+def test_chunked_request_bodies_are_reframed_not_relayed() -> None:
+    """A chunked body goes upstream re-framed from what was parsed: extensions and trailers dropped,
+    bare LFs refused, so an upstream with a lax parser cannot find a smuggled second request (one that
+    would bypass request rules, or carry the injected credential in its body to a place the attacker
+    reads)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from corral.network.proxy import EgressProxy, _Reject
+
+    async def relay(data: bytes) -> bytes:
+        reader = asyncio.StreamReader(limit=4096)
+        reader.feed_data(data)
+        reader.feed_eof()
+        sent: list[bytes] = []
+
+        class W:
+            def write(self, b: bytes) -> None:
+                sent.append(bytes(b))
+
+            async def drain(self) -> None:
+                pass
+
+        await EgressProxy._copy_chunked(reader, W(), SimpleNamespace(up=0))  # type: ignore[arg-type]
+        return b"".join(sent)
+
+    ok = asyncio.run(relay(b"5;name=\"v\"\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\nGET /next HTTP/1.1\r\n"))
+    assert ok == b"5\r\nhello\r\n0\r\n\r\n"
+    smuggled = (b"0\r\nx: y\n\nDELETE /forbidden HTTP/1.1\nHost: echo.test\nContent-Length: 60\n\r\n\r\n",
+                b"5\n\r\nhello\r\n0\r\n\r\n", b"5;a\nb\r\nhello\r\n0\r\n\r\n", b"0\r\n" + b"t: 1\r\n" * 100 + b"\r\n",
+                b"5\r\n" + b"x" * 5000 + b"\r\n0\r\n\r\n"[:0] + b"z" * 5000)
+    for bad in smuggled:
+        with pytest.raises((_Reject, asyncio.IncompleteReadError)):
+            asyncio.run(relay(bad))

@@ -56,6 +56,7 @@ HEAD_LIMIT = 64 * 1024
 PEEK_TIMEOUT_S = 0.3  # server-speaks-first protocols (ssh) wait this long before being named by address
 READ_HEAD_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
+MAX_TRAILERS = 64
 HOLD_S = 0.05  # how long a response tail that may begin a secret waits for the upstream's next bytes
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # used with fullmatch ('$' would accept a final LF)
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII only: what is checked is what is forwarded
@@ -169,7 +170,7 @@ def _split_authority(auth: str, default_port: int) -> tuple[str, int]:
         raise _Reject(400, "IPv6 literals need brackets")
     else:
         host, port_s = auth, ""
-    if port_s and (not port_s.isdigit() or not 0 < int(port_s) < 65536):
+    if port_s and (not re.fullmatch(r"[0-9]{1,5}", port_s) or not 0 < int(port_s) < 65536):
         raise _Reject(400, f"invalid port in authority {auth[:100]!r}")
     return host, int(port_s) if port_s else default_port
 
@@ -871,12 +872,15 @@ class EgressProxy:
                     raise _Reject(400, "both Content-Length and Transfer-Encoding")
                 if te and te != ["chunked"]:
                     raise _Reject(501, "only Transfer-Encoding: chunked is supported")
-                if len(set(cl)) > 1 or (cl and not cl[0].isdigit()):
+                if len(set(cl)) > 1 or (cl and not re.fullmatch(r"[0-9]{1,15}", cl[0])):
                     raise _Reject(400, "invalid Content-Length")
                 if brokered and upgrade:
                     raise _Reject(403, "protocol upgrades are refused on brokered connections")
                 out = [f"{method} {path} HTTP/1.1"]
-                out.append(f"Host: {auth}")
+                # Rebuilt from the checked authority: the upstream reads the name the policy decided on.
+                ht = _host_text(host)
+                ht = f"[{ht}]" if ":" in ht else ht
+                out.append(f"Host: {ht}" + (f":{port}" if port != (443 if brokered else 80) else ""))
                 out += [f"{k}: {v}" for k, v in out_headers if k.lower() != "host"]
                 data = ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
                 up_w.write(data)
@@ -910,6 +914,11 @@ class EgressProxy:
         """(headers to send, secrets used, (secret, where) placeholder misuses, forms to redact)."""
         binding = plan.secret_for(host) if brokered else None
         out = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
+        if binding is not None:
+            # The response is scanned for the value: ask for it unencoded and whole (a compressed or
+            # ranged echo of the credential would pass the scan).
+            out = [(k, v) for k, v in out if k.lower() not in ("accept-encoding", "range", "if-range")]
+            out.append(("Accept-Encoding", "identity"))
         uses: list[str] = []
         misuses: list[tuple[str, str]] = []
         forms: list[tuple[bytes, int]] = []  # (form, where its secret material starts)
@@ -969,21 +978,34 @@ class EgressProxy:
 
     @classmethod
     async def _copy_chunked(cls, reader: asyncio.StreamReader, w: asyncio.StreamWriter, c: _Conn) -> None:
+        """Forward a chunked body re-framed: each size line rewritten from the parsed size (chunk
+        extensions dropped), trailers dropped. What the upstream parses is what was checked: a lax
+        upstream parser cannot read a second request out of an extension or a trailer with a bare LF."""
+
+        async def line() -> bytes:
+            try:
+                raw = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError:
+                raise _Reject(400, "chunk line too long") from None
+            if b"\r" in raw[:-2] or b"\n" in raw[:-2] or b"\x00" in raw:
+                raise _Reject(400, "control characters in a chunk line")
+            return raw[:-2]
+
         while True:
-            line = await reader.readuntil(b"\r\n")
-            size_s = line.split(b";", 1)[0].strip()
+            size_s = (await line()).split(b";", 1)[0].strip(b" \t")
             if not size_s or len(size_s) > 16 or not re.fullmatch(rb"[0-9a-fA-F]+", size_s):
                 raise _Reject(400, "malformed chunk size")
             size = int(size_s, 16)
-            w.write(line)
-            c.up += len(line)
+            head = f"{size:x}\r\n".encode()
+            w.write(head)
+            c.up += len(head)
             if size == 0:
-                while True:
-                    t = await reader.readuntil(b"\r\n")
-                    w.write(t)
-                    c.up += len(t)
-                    if t == b"\r\n":
+                for _ in range(MAX_TRAILERS + 1):
+                    if not await line():
+                        w.write(b"\r\n")
+                        c.up += 2
                         return
+                raise _Reject(400, "too many trailer lines")
             await cls._copy_n(reader, w, size, c)
             crlf = await reader.readexactly(2)
             if crlf != b"\r\n":
