@@ -322,6 +322,38 @@ def test_sni_and_host_must_agree(net: Env) -> None:
     assert len([s for s in net.echo.seen if s.host == "evil.test"]) == before
 
 
+def test_a_clienthello_split_or_held_back_cannot_hide_its_sni(net: Env) -> None:
+    """The SNI check reads the ClientHello even when it is split over several TLS records (legal
+    fragmentation), and a TLS connection whose ClientHello never completes is refused, not spliced
+    unchecked: CONNECT to an allowed host with a hidden SNI for a denied one gets nowhere."""
+    gw, port = net.env["HTTPS_PROXY"][7:].rsplit(":", 1)
+    before = len([s for s in net.echo.seen if s.host == "evil.test"])
+    code = (
+        "import socket,ssl,time\n"
+        "def hello(name):\n"
+        "    i,o=ssl.MemoryBIO(),ssl.MemoryBIO()\n"
+        "    obj=ssl.create_default_context().wrap_bio(i,o,server_hostname=name)\n"
+        "    try: obj.do_handshake()\n"
+        "    except ssl.SSLWantReadError: pass\n"
+        "    return o.read()\n"
+        "h=hello('evil.test'); body=h[5:]\n"
+        "split=b''.join(b'\\x16\\x03\\x01'+len(body[k:k+40]).to_bytes(2,'big')+body[k:k+40] for k in range(0,len(body),40))\n"
+        "for label,first in (('split',split),('held',h[:3])):\n"
+        f"    s=socket.create_connection(('{gw}',{port}),timeout=5)\n"
+        "    s.sendall(b'CONNECT allowed.test:443 HTTP/1.1\\r\\n\\r\\n'); s.recv(4096)\n"
+        "    s.sendall(first)\n"
+        "    s.settimeout(3)\n"
+        "    try: d=s.recv(4096); print(label,'closed' if not d else 'DATA')\n"
+        "    except Exception as e: print(label,type(e).__name__)\n"
+    )
+    _, out = net.py(code)
+    assert "DATA" not in out and out.count("closed") + out.count("ConnectionResetError") == 2, out
+    reasons = [e.get("reason", "") for e in net.kinds("net.deny")]
+    assert any("SNI evil.test does not match allowed.test" in r for r in reasons), reasons[-5:]
+    assert any("incomplete TLS ClientHello" in r for r in reasons), reasons[-5:]
+    assert len([s for s in net.echo.seen if s.host == "evil.test"]) == before
+
+
 def test_dns_rebinding_to_private_addresses_is_denied(net: Env) -> None:
     for name in ("rebind.allowed.test", "rebind2.allowed.test"):
         rc, _ = net.sh(net.sb, ["getent", "ahostsv4", name])

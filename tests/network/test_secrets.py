@@ -109,6 +109,16 @@ def test_sni_parser_and_redactor() -> None:
     hello = c_out.read()
     assert parse_sni(hello) == (True, "pypi.org")
     assert parse_sni(hello[:20]) == (False, None)
+    # Split over TLS records of 7 bytes each: the same name; cut short: partial; garbage: malformed.
+    from corral.network.proxy import client_hello
+
+    body = hello[5:]
+    split = b"".join(b"\x16\x03\x01" + len(body[k:k + 7]).to_bytes(2, "big") + body[k:k + 7]
+                     for k in range(0, len(body), 7))
+    assert client_hello(split) == ("ok", "pypi.org")
+    assert client_hello(split[:len(split) // 2]) == ("partial", None)
+    assert client_hello(b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\xff")[0] == "malformed"
+    assert client_hello(hello[:5] + b"\x02" + hello[6:])[0] == "malformed"  # not a ClientHello
     r = _Redactor([b"SECRETVALUE"])
     out = r.feed(b"abc SECRET") + r.feed(b"VALUE def SEC") + r.feed(b"RETVALUE") + r.flush()
     assert out == b"abc *********** def ***********"

@@ -113,37 +113,63 @@ def original_dst(sock: socket.socket) -> tuple[str, int] | None:
     return socket.inet_ntoa(raw[4:8]), int(port)
 
 
-def parse_sni(data: bytes) -> tuple[bool, str | None]:
-    """(complete, server name) from the first TLS record of ``data`` (a ClientHello)."""
-    if len(data) < 5:
-        return False, None
-    rec_len = struct.unpack_from("!H", data, 3)[0]
-    if len(data) < 5 + rec_len:
-        return False, None
-    p = data[5:5 + rec_len]
+def client_hello(data: bytes) -> tuple[str, str | None]:
+    """("partial" | "ok" | "malformed", server name) of the TLS ClientHello at the start of
+    ``data``. The handshake message may span several TLS records (legal fragmentation): they are
+    put back together before the name is read, so splitting a ClientHello cannot hide its SNI."""
+    hs = b""
+    i = 0
+    while True:
+        if len(data) < i + 5:
+            return "partial", None
+        if data[i] != 0x16 or data[i + 1] != 0x03:
+            return "malformed", None
+        rec_len = struct.unpack_from("!H", data, i + 3)[0]
+        if len(data) < i + 5 + rec_len:
+            return "partial", None
+        hs += data[i + 5:i + 5 + rec_len]
+        i += 5 + rec_len
+        if len(hs) >= 4:
+            need = 4 + int.from_bytes(hs[1:4], "big")
+            if need > 1 << 16:
+                return "malformed", None
+            if len(hs) >= need:
+                break
+    p = hs[4:need]
+    if hs[0] != 1:
+        return "malformed", None
     try:
-        if p[0] != 1:
-            return True, None
-        i = 4 + 2 + 32
-        i += 1 + p[i]
-        i += 2 + struct.unpack_from("!H", p, i)[0]
-        i += 1 + p[i]
-        end = i + 2 + struct.unpack_from("!H", p, i)[0]
-        i += 2
-        while i + 4 <= end:
-            etype, elen = struct.unpack_from("!HH", p, i)
-            i += 4
+        j = 2 + 32
+        j += 1 + p[j]
+        j += 2 + struct.unpack_from("!H", p, j)[0]
+        j += 1 + p[j]
+        if j == len(p):
+            return "ok", None  # no extensions at all
+        end = j + 2 + struct.unpack_from("!H", p, j)[0]
+        if end > len(p):
+            return "malformed", None
+        j += 2
+        while j + 4 <= end:
+            etype, elen = struct.unpack_from("!HH", p, j)
+            j += 4
             if etype == 0:
-                j = i + 2
-                while j + 3 <= i + elen:
-                    ntype, nlen = p[j], struct.unpack_from("!H", p, j + 1)[0]
+                k = j + 2
+                while k + 3 <= j + elen:
+                    ntype, nlen = p[k], struct.unpack_from("!H", p, k + 1)[0]
                     if ntype == 0:
-                        return True, p[j + 3:j + 3 + nlen].decode("ascii", "replace")
-                    j += 3 + nlen
-            i += elen
+                        return "ok", p[k + 3:k + 3 + nlen].decode("ascii", "replace")
+                    k += 3 + nlen
+                return "malformed", None  # a server_name extension without a host name
+            j += elen
     except (IndexError, struct.error):
-        return True, None
-    return True, None
+        return "malformed", None
+    return "ok", None
+
+
+def parse_sni(data: bytes) -> tuple[bool, str | None]:
+    """(complete, server name) of the ClientHello at the start of ``data``."""
+    status, name = client_hello(data)
+    return status != "partial", name
 
 
 def _set_once(fut: asyncio.Future[None]) -> None:
@@ -487,6 +513,7 @@ class EgressProxy:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         data = b""
+        backoff = 0.0005
         while True:
             try:
                 data = sock.recv(HEAD_LIMIT, socket.MSG_PEEK)
@@ -500,7 +527,10 @@ class EgressProxy:
             if remaining <= 0:
                 return data
             if available:
-                await asyncio.sleep(0.0005)
+                # Part of a head is here: look again soon, then less and less often (a sandbox holding
+                # many half-sent heads open must not keep the daemon's loop spinning).
+                await asyncio.sleep(min(backoff, remaining))
+                backoff = min(backoff * 2, 0.05)
                 continue
             fut: asyncio.Future[None] = loop.create_future()
             loop.add_reader(sock.fileno(), _set_once, fut)
@@ -596,7 +626,10 @@ class EgressProxy:
     async def _tunnel(self, c: _Conn, sock: socket.socket, host: str | IPAddress, port: int, ip: IPAddress,
                       first: bytes) -> None:
         if _is_tls(first):
-            _, sni = parse_sni(first)
+            status, sni = client_hello(first)
+            if status != "ok":  # a name the proxy cannot read is not a name it checked
+                c.tls = "passthrough"
+                raise _Reject(400, f"{'incomplete' if status == 'partial' else 'malformed'} TLS ClientHello")
             if sni:
                 sni_host = _canonical(sni)
                 if isinstance(host, str) and sni_host != host:
@@ -623,7 +656,10 @@ class EgressProxy:
         first = await self._peek(sock, PEEK_TIMEOUT_S, self._complete)
         host: str | IPAddress
         if _is_tls(first):
-            _, sni = parse_sni(first)
+            status, sni = client_hello(first)
+            if status != "ok":
+                c.tls = "passthrough"
+                raise _Reject(400, f"{'incomplete' if status == 'partial' else 'malformed'} TLS ClientHello")
             host = _canonical(sni) if sni else (self.ledger.name_for(c.sb.sandbox_id, orig_ip) or orig_ip)
         elif _REQUEST_LINE.match(first):
             c.mode = "transparent-http"
