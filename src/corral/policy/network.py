@@ -75,6 +75,7 @@ SPECIAL_RANGES: tuple[IPNetwork, ...] = tuple(
 
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _NUMERIC = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+_IDNA_DEVIATIONS = re.compile("[\u00df\u03c2\u200c\u200d]")
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f\\@/%?#\[\]]")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
 _SECRET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -156,6 +157,11 @@ def canonical_host(s: str) -> Host:
     if not h or h.endswith("."):
         raise HostError(f"empty label in {s!r}")
     if not h.isascii():
+        # IDNA 2003 (Python's codec) maps these away (ß -> ss) where IDNA 2008, which registries
+        # and browsers use, keeps them: the same spelling would name two different domains.
+        if _IDNA_DEVIATIONS.search(h):
+            raise HostError(f"{s!r} has a character IDNA 2003 and 2008 encode differently (ß, ς, "
+                            "zero-width joiners): spell the name in its xn-- form")
         try:
             h = h.encode("idna").decode("ascii")
         except UnicodeError as e:
