@@ -618,3 +618,30 @@ def test_one_sandbox_cannot_fill_the_hosts_connection_table(net: Env) -> None:
         with contextlib.suppress(Exception):
             net.lt.run(net.mgr.detach(sid))
         extra.close()
+
+
+def test_a_dns_flood_is_rate_limited_and_summarised(net: Env) -> None:
+    """Each refused query was an audit record and each allowed one an upstream query: a sandbox's
+    queries are rate-limited (QUERIES_PER_S, burst QUERY_BURST); what is dropped is reported once a
+    second, not per query, and the sandbox resolves again once it slows down."""
+    from corral.network.dns import QUERIES_PER_S, QUERY_BURST
+
+    gw = net.mgr.net(net.sid2).gateway
+    before = len(net.events)
+    code = ("import socket,time\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            "q=b'\\x00\\x01\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x04evil\\x04test\\x00\\x00\\x01\\x00\\x01'\n"
+            "t=time.monotonic()\n"
+            f"for i in range(3000):\n    s.sendto(q, ('{gw}', 53))\n    if i % 20 == 0: time.sleep(0.002)\n"
+            "print('sent in', round(time.monotonic()-t, 3))\n")
+    _, out = net.sh(net.sb2, [sys.executable, "-c", code])
+    elapsed = float(out.split("sent in ")[1].split()[0])
+    time.sleep(1.5)
+    mine = [e for e in net.events[before:] if e.get("sandbox_id") == net.sid2 and e["kind"] == "dns.deny"]
+    per_query = [e for e in mine if e.get("destination") == "evil.test"]
+    summaries = [e for e in mine if "queries dropped" in e.get("reason", "")]
+    assert 0 < len(per_query) <= QUERY_BURST + QUERIES_PER_S * (elapsed + 1.6) + 64, (len(per_query), elapsed)
+    assert summaries, (len(per_query), elapsed, mine[-1:])
+    time.sleep(2.5)  # the bucket refills
+    rc, out = net.sh(net.sb2, ["getent", "hosts", "allowed.test"])
+    assert rc == 0 and ALLOWED in out, out

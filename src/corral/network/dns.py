@@ -33,6 +33,12 @@ from corral.policy.network import HostError, IPAddress, NetworkPlan, canonical_h
 log = logging.getLogger(__name__)
 
 MAX_TTL_S = 60
+# Per sandbox: queries a second (and the burst a bucket holds), and queries answered at once. A
+# package manager resolving a few hundred names fits; a flood (each refused query was an audit
+# record, each allowed one an upstream query) does not.
+QUERIES_PER_S = 200
+QUERY_BURST = 400
+MAX_INFLIGHT = 64
 EventSink = Callable[[dict[str, Any]], None]
 
 
@@ -144,11 +150,20 @@ class _Protocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        task = asyncio.ensure_future(self.responder._answer(data, str(addr[0])))
+        source = str(addr[0])
+        if not self.responder._admit(source):
+            return
+        task = asyncio.ensure_future(self.responder._answer(data, source))
         self.responder._tasks.add(task)
+        self.responder._inflight[source] = self.responder._inflight.get(source, 0) + 1
 
         def done(t: asyncio.Future[bytes | None]) -> None:
             self.responder._tasks.discard(t)
+            left = self.responder._inflight.get(source, 1) - 1
+            if left > 0:
+                self.responder._inflight[source] = left
+            else:
+                self.responder._inflight.pop(source, None)
             if t.cancelled() or t.exception() is not None or self.transport is None:
                 return
             reply = t.result()
@@ -168,6 +183,30 @@ class DnsResponder:
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Future[bytes | None]] = set()
         self.address: tuple[str, int] | None = None
+        # Per source address: a token bucket of queries, the queries in flight, and what was
+        # dropped since the last summary (one event a second, not one per dropped query).
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._inflight: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
+        self._reported_at: dict[str, float] = {}
+
+    def _admit(self, source: str) -> bool:
+        now = time.monotonic()
+        tokens, last = self._buckets.get(source, (float(QUERY_BURST), now))
+        tokens = min(float(QUERY_BURST), tokens + (now - last) * QUERIES_PER_S)
+        if tokens >= 1 and self._inflight.get(source, 0) < MAX_INFLIGHT:
+            self._buckets[source] = (tokens - 1, now)
+            return True
+        self._buckets[source] = (tokens, now)
+        self._dropped[source] = self._dropped.get(source, 0) + 1
+        if now - self._reported_at.get(source, 0.0) >= 1.0:
+            self._reported_at[source] = now
+            owner = self.lookup(source)
+            if owner is not None:
+                self._emit({"kind": "dns.deny", "sandbox_id": owner[0], "destination": "",
+                            "reason": f"query rate over {QUERIES_PER_S}/s: {self._dropped.pop(source)} "
+                                      "queries dropped"})
+        return False
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
