@@ -645,3 +645,42 @@ def test_a_dns_flood_is_rate_limited_and_summarised(net: Env) -> None:
     time.sleep(2.5)  # the bucket refills
     rc, out = net.sh(net.sb2, ["getent", "hosts", "allowed.test"])
     assert rc == 0 and ALLOWED in out, out
+
+
+def test_a_local_process_on_the_freed_proxy_ports_receives_nothing(net: Env) -> None:
+    """While the daemon is down the rules stay (sandboxes keep running, unwired from nothing): a
+    local process that binds the freed proxy or DNS port must not receive the sandboxes' connections
+    and queries. The rules accept only for sockets bearing Corral's SO_MARK (CAP_NET_ADMIN to set)."""
+    from corral.network.netns import SOCKET_MARK
+
+    assert net.mgr.proxy.address is not None and net.mgr.dns.address is not None
+    paddr, daddr = net.mgr.proxy.address, net.mgr.dns.address
+    net.lt.run(net.mgr.proxy.stop())
+    net.lt.run(net.mgr.dns.stop())
+    tcp = socket.socket()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(paddr)
+        tcp.listen(16)
+        udp.bind(daddr)
+        _, out = net.py("import socket\n"
+                        "s=socket.socket(); s.settimeout(2)\n"
+                        f"try: s.connect(('{ALLOWED}', 80)); print('CONNECTED')\n"
+                        "except OSError as e: print('tcp', type(e).__name__)\n"
+                        "u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                        "u.sendto(b'\\x00\\x01\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x07allowed\\x04test\\x00\\x00\\x01\\x00\\x01',"
+                        f" ('{net.mgr.net(net.sid).gateway}', 53)); print('sent')\n")
+        assert "CONNECTED" not in out and "tcp TimeoutError" in out and "sent" in out, out
+        tcp.setblocking(False)
+        udp.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            tcp.accept()
+        with pytest.raises(BlockingIOError):
+            udp.recv(512)
+    finally:
+        tcp.close()
+        udp.close()
+        net.lt.run(net.mgr.proxy.start(paddr[0], paddr[1], mark=SOCKET_MARK))
+        net.lt.run(net.mgr.dns.start(daddr[0], daddr[1], mark=SOCKET_MARK))
+    assert net.curl("https://allowed.test/back")[0] == 200  # Corral's own sockets are served again

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,9 +209,11 @@ class DnsResponder:
                                       "queries dropped"})
         return False
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, mark: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), local_addr=(host, port))
+        if mark is not None:  # the SO_MARK the host's rules look for (netns.SOCKET_MARK)
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         self._transport = transport
         sock = transport.get_extra_info("sockname")
         self.address = (str(sock[0]), int(sock[1]))

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from corral.network.dns import DnsLedger, DnsResponder, Resolver
-from corral.network.netns import CONNTRACK_PER_SANDBOX, DEFAULT_POOL, HostNetwork, SandboxNet, sandbox_env
+from corral.network.netns import (
+    CONNTRACK_PER_SANDBOX,
+    DEFAULT_POOL,
+    SOCKET_MARK,
+    HostNetwork,
+    SandboxNet,
+    sandbox_env,
+)
 from corral.network.proxy import EgressProxy
 from corral.network.secrets import CertificateAuthority, SecretStore
 from corral.policy.network import NetworkPlan
@@ -61,8 +68,8 @@ class NetworkManager:
         return self.ca.ca_path
 
     async def start(self) -> None:
-        await self.proxy.start(self.listen_addr, self._ports[0])
-        await self.dns.start(self.listen_addr, self._ports[1])
+        await self.proxy.start(self.listen_addr, self._ports[0], mark=SOCKET_MARK)
+        await self.dns.start(self.listen_addr, self._ports[1], mark=SOCKET_MARK)
         assert self.proxy.address is not None and self.dns.address is not None
         self.host = HostNetwork(proxy_addr=self.listen_addr, proxy_port=self.proxy.address[1],
                                 dns_port=self.dns.address[1], pool=self.pool, table=self.table,

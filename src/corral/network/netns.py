@@ -47,6 +47,10 @@ CLONE_NEWNET = 0x40000000
 # UDP/53 packet to a new address and each TCP connection (also 2 min after it closed) holds one,
 # and the host's table is shared by everything on it (nf_conntrack_max, 262144 here).
 CONNTRACK_PER_SANDBOX = 4096
+# SO_MARK of the proxy's and DNS responder's sockets. Input accepts a sandbox's new connections and
+# queries only for a socket bearing it (setting a mark needs CAP_NET_ADMIN): while the daemon is
+# down, a local user who binds the freed port receives nothing.
+SOCKET_MARK = 0x0C0A1100
 
 
 class NetnsError(RuntimeError):
@@ -165,8 +169,9 @@ flush chain inet {self.table} forward
 add rule inet {self.table} pre_raw iifname @ifaces meta nfproto != ipv4 drop
 add rule inet {self.table} pre_raw iifname @ifaces iifname . ip saddr != @addrs drop
 add rule inet {self.table} pre_nat iifname @ifaces iifname vmap @natmap
-add rule inet {self.table} input iifname @ifaces ip daddr {a} tcp dport {p} ct status dnat accept
-add rule inet {self.table} input iifname @ifaces ip daddr {a} udp dport {d} ct status dnat accept
+add rule inet {self.table} input iifname @ifaces ip daddr {a} tcp dport {p} ct status dnat ct state established accept
+add rule inet {self.table} input iifname @ifaces ip daddr {a} tcp dport {p} ct status dnat ct state new socket mark {SOCKET_MARK} accept
+add rule inet {self.table} input iifname @ifaces ip daddr {a} udp dport {d} ct status dnat socket mark {SOCKET_MARK} accept
 add rule inet {self.table} input iifname @ifaces drop
 add rule inet {self.table} input ip saddr {self.pool} iifname != @ifaces drop
 add rule inet {self.table} forward iifname @ifaces drop

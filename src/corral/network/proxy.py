@@ -408,11 +408,14 @@ class EgressProxy:
 
     # ------------------------------------------------------------------ server
 
-    async def start(self, host: str, port: int = 0) -> None:
+    async def start(self, host: str, port: int = 0, mark: int | None = None) -> None:
+        """Listen on ``host:port``; ``mark``: the SO_MARK the host's rules look for (netns.SOCKET_MARK)."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         ls = socket.socket(family, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if mark is not None:
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)  # accepted sockets inherit it
         ls.bind((host, port))
         ls.listen(1024)
         ls.setblocking(False)
