@@ -179,7 +179,11 @@ add rule inet {self.table} forward oifname @ifaces drop
 add rule inet {self.table} forward ip saddr {self.pool} drop
 add rule inet {self.table} forward ip daddr {self.pool} drop
 """
-        _run(["nft", "-f", "-"], stdin=script)
+        if _run(["nft", "-f", "-"], stdin=script, check=False).returncode != 0:
+            # A kernel without nft_socket: the sandboxes stay isolated; only the daemon-down port
+            # takeover (see SOCKET_MARK) is not guarded.
+            log.warning("no socket-mark matching on this host: the proxy ports are not bound to Corral's sockets")
+            _run(["nft", "-f", "-"], stdin=script.replace(f" socket mark {SOCKET_MARK} accept", " accept"))
         # After conntrack (priority -200) and before NAT: a flow dropped here never takes an entry.
         limit = f"""
 table inet {self.table} {{
