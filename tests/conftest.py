@@ -126,21 +126,28 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def fresh_daemon(**env: str) -> Iterator[Daemon]:
-    """A daemon of its own (own data dir and port), for restart and cross-daemon tests; ``env`` is
-    set while it starts (e.g. CORRAL_MAX_UPLOAD_BYTES). Everything it made is removed afterwards."""
-    tmp = traversable_tmp()
-    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ while the block runs; what was there before comes back."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        d.start()
+        yield
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def fresh_daemon(**env: str) -> Iterator[Daemon]:
+    """A daemon of its own (own data dir and port), for restart and cross-daemon tests; ``env`` is
+    set while it starts (e.g. CORRAL_MAX_UPLOAD_BYTES). Everything it made is removed afterwards."""
+    tmp = traversable_tmp()
+    d = Daemon(data_dir=tmp / "data", run_dir=tmp / "run", port=free_port(), proc=None, log_path=tmp / "corrald.log")
+    with environ(env):
+        d.start()
     try:
         yield d
     finally:

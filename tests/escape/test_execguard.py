@@ -301,6 +301,15 @@ def run(path):
     execs += 1
     if b"curl" in data:
         ran_curl += 1
+def race(path, mutate):
+    # mutate() changes the file under path until `finished`; exec path meanwhile, then report
+    global finished
+    t = threading.Thread(target=mutate); t.start()
+    while execs < goal and time.monotonic() < stop:
+        run(path)
+    finished = True
+    t.join()
+    done(ran_curl=ran_curl, execs=execs, statuses=sorted(statuses))
 """
 
 
@@ -322,12 +331,7 @@ def test_a17_write_during_exec_race(guarded):
                     except OSError:
                         pass
             return n
-        t = threading.Thread(target=writer); t.start()
-        while execs < goal and time.monotonic() < stop:
-            run(path)
-        finished = True
-        t.join()
-        done(ran_curl=ran_curl, execs=execs, statuses=sorted(statuses))
+        race(path, writer)
     """), 25)
     assert r["execs"] >= 25 and r["ran_curl"] == 0, r
 
@@ -341,12 +345,7 @@ def test_a18_rename_swap_race(guarded):
         def swapper():
             while not finished and time.monotonic() < stop:
                 libc.renameat2(-100, a.encode(), -100, b.encode(), RENAME_EXCHANGE)
-        t = threading.Thread(target=swapper); t.start()
-        while execs < goal and time.monotonic() < stop:
-            run(a)
-        finished = True
-        t.join()
-        done(ran_curl=ran_curl, execs=execs, statuses=sorted(statuses))
+        race(a, swapper)
     """), 15)
     # Each swap changes both files' ctime, so every exec is hashed afresh (after FRESH_S): few execs,
     # each decided on the content it opened: true ran (0) or curl was refused (EPERM -> 101).

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Daemon, fresh_daemon, require
+from tests.conftest import Daemon, environ, fresh_daemon, require
 from tests.network.upstreams import EchoServer, FakeDNS, LoopThread, UpstreamCA, upstream_network
 
 TOKEN = "ghp_" + uuid.uuid4().hex + "Qx"
@@ -614,7 +614,7 @@ def test_stop_start_and_daemon_restart_keep_the_policy(world: World) -> None:
     r = subprocess.run(["nsenter", "-t", str(_init_pid(world, sb.id)), "-n", "curl", "-sS", "--max-time", "3",
                         "http://allowed.test/"], capture_output=True, text=True)
     assert r.returncode != 0
-    with _environ(world.daemon_env):
+    with environ(world.daemon_env):
         world.d.start()
     world.http.close()
     world.http = world.d.http()
@@ -653,20 +653,6 @@ def test_hibernate_and_restore_rewire_the_same_address(world: World) -> None:
         assert holder.pid in [p.pid for p in sb.commands.list()]  # the process itself came back
     finally:
         sb.kill()
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _init_pid(world: World, sid: str) -> int:

@@ -818,6 +818,15 @@ class EgressProxy:
                     # The upstream ended the exchange (maybe the body is delimited by close): so do we.
                     writer.close()
 
+        async def end_upstream(w: asyncio.StreamWriter) -> None:
+            """Half-close the upstream and give it up to 30 s to finish its responses."""
+            with contextlib.suppress(Exception):
+                if w.can_write_eof():
+                    w.write_eof()
+            if down_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(down_task), 30)
+
         if upstream is not None:
             up_r0, up_w, h0, p0 = upstream
             current = (h0, p0)
@@ -864,14 +873,9 @@ class EgressProxy:
                 if current != (host, port) or up_w is None:
                     if up_w is not None:
                         # A new authority on this client connection: let the old upstream finish its
-                        # responses (half-close), then dial the new one.
+                        # responses, then dial the new one.
                         switching = True
-                        with contextlib.suppress(Exception):
-                            if up_w.can_write_eof():
-                                up_w.write_eof()
-                        if down_task is not None:
-                            with contextlib.suppress(Exception):
-                                await asyncio.wait_for(asyncio.shield(down_task), 30)
+                        await end_upstream(up_w)
                         up_w.close()
                         up_w = None
                         switching = False
@@ -936,12 +940,7 @@ class EgressProxy:
                         await up_w.drain()
                     break
             if up_w is not None:
-                with contextlib.suppress(Exception):
-                    if up_w.can_write_eof():
-                        up_w.write_eof()
-                if down_task is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(asyncio.shield(down_task), 30)
+                await end_upstream(up_w)
         finally:
             if down_task is not None and not down_task.done():
                 down_task.cancel()
